@@ -1,0 +1,655 @@
+"""The inpo cache store: a Zarr v3 group whose layout only this module knows.
+
+Layout (schema ``inpo.cache`` v1)::
+
+    STORE/
+      zarr.json                     group attributes: schema, state, layout, settings, provenance
+      rows/latent_chosen            (N, C, h, w)  x_t of the preferred image     storage dtype
+      rows/latent_rejected          (N, C, h, w)  x_t of the rejected image      storage dtype
+      rows/target_chosen            (N, C, h, w)  τ_t of the preferred image     storage dtype
+      rows/target_rejected          (N, C, h, w)  τ_t of the rejected image      storage dtype
+      rows/reference_error_chosen   (N, 2) f32    e_ref [caption, empty prompt]
+      rows/reference_error_rejected (N, 2) f32
+      rows/time_ids_chosen          (N, 6) f32    SDXL only: orig h, w, crop top, left, target h, w
+      rows/time_ids_rejected        (N, 6) f32    SDXL only
+      rows/valid                    (N,) u1       0 = the pair's image could not be decoded
+      rows/inversion_steps          (N,) i2       UNet steps the inversion took
+      rows/timestep                 (N,) i4       plan: t (written at creation)
+      rows/prompt_index             (N,) i4       plan: index into prompts/ (0 = empty prompt)
+      rows/source_row               (N,) i8       plan: row of the source data set
+      rows/draw                     (N,) i2       plan: which of the pair's K timestep draws
+      prompts/text                  (P,) str      prompt 0 is the empty prompt
+      prompts/embedding             (P, L, D)     text-encoder hidden states, storage dtype
+      prompts/pooled_embedding      (P, D2)       SDXL only
+      done/shards                   (S,) u1       1 = row shard complete (one object per shard)
+      done/prompt_chunks            (Q,) u1       1 = prompt chunk complete
+      done/shard_stats              (S, 3) f8     UNet row-evaluations, padded evaluations, seconds
+
+Write discipline (several processes, one store): every array is created at its final size
+before any writer starts; a writer owns whole shards and writes each one in a single
+assignment per array; the shard's ``done`` flag, which lives in its own object, is set only
+after all of its data is written. Group attributes are written by the creating process only.
+Every chunk carries a crc32c checksum, so a flipped byte fails on read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_NAME = "inpo.cache"
+SCHEMA_VERSION = 1
+
+LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
+ERROR_ARRAYS = ("reference_error_chosen", "reference_error_rejected")
+TIME_ID_ARRAYS = ("time_ids_chosen", "time_ids_rejected")
+PLAN_ARRAYS = ("timestep", "prompt_index", "source_row", "draw")
+STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+TIME_IDS_WIDTH = 6
+SHARD_STATS_WIDTH = 3
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The geometry of a store: fixed at creation, recorded in its attributes."""
+
+    num_rows: int
+    latent_shape: tuple[int, int, int]
+    num_prompts: int
+    text_shape: tuple[int, int]
+    pooled_dim: int | None
+    storage_dtype: str = "float16"
+    rows_per_shard: int = 64
+    shards_per_window: int = 16
+    prompts_per_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise StoreError(f"storage dtype {self.storage_dtype!r} is not one of {STORAGE_DTYPES}")
+        if self.num_rows < 1:
+            raise StoreError("a store needs at least one row")
+        for name in ("rows_per_shard", "shards_per_window", "prompts_per_chunk"):
+            if getattr(self, name) < 1:
+                raise StoreError(f"{name} must be at least 1")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    @property
+    def num_windows(self) -> int:
+        return -(-self.num_shards // self.shards_per_window)
+
+    @property
+    def num_prompt_chunks(self) -> int:
+        return -(-self.num_prompts // self.prompts_per_chunk)
+
+    @property
+    def rows_per_window(self) -> int:
+        return self.rows_per_shard * self.shards_per_window
+
+    def shard_rows(self, shard: int) -> slice:
+        start = shard * self.rows_per_shard
+        return slice(start, min(start + self.rows_per_shard, self.num_rows))
+
+    def window_shards(self, window: int) -> range:
+        start = window * self.shards_per_window
+        return range(start, min(start + self.shards_per_window, self.num_shards))
+
+    def prompt_chunk(self, chunk: int) -> slice:
+        start = chunk * self.prompts_per_chunk
+        return slice(start, min(start + self.prompts_per_chunk, self.num_prompts))
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["latent_shape"] = list(self.latent_shape)
+        data["text_shape"] = list(self.text_shape)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreLayout:
+        values = dict(data)
+        values["latent_shape"] = tuple(values["latent_shape"])
+        values["text_shape"] = tuple(values["text_shape"])
+        return cls(**values)
+
+
+@dataclass
+class RowPlan:
+    """What every row will hold before any inversion runs, in store row order."""
+
+    timestep: np.ndarray
+    prompt_index: np.ndarray
+    source_row: np.ndarray
+    draw: np.ndarray
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.timestep), len(self.prompt_index), len(self.source_row), len(self.draw)}
+        if len(lengths) != 1:
+            raise StoreError("row plan arrays differ in length")
+
+
+@dataclass
+class ShardResult:
+    """Everything a writer computes for one shard, in that shard's row order."""
+
+    latent_chosen: np.ndarray
+    latent_rejected: np.ndarray
+    target_chosen: np.ndarray
+    target_rejected: np.ndarray
+    reference_error_chosen: np.ndarray
+    reference_error_rejected: np.ndarray
+    valid: np.ndarray
+    inversion_steps: np.ndarray
+    time_ids_chosen: np.ndarray | None = None
+    time_ids_rejected: np.ndarray | None = None
+    stats: np.ndarray = field(default_factory=lambda: np.zeros(SHARD_STATS_WIDTH))
+
+
+@dataclass
+class RowBatch:
+    """Rows read back for training or checking (float32 tensors' worth of numpy arrays)."""
+
+    indices: np.ndarray
+    latent_chosen: np.ndarray
+    latent_rejected: np.ndarray
+    target_chosen: np.ndarray
+    target_rejected: np.ndarray
+    reference_error_chosen: np.ndarray
+    reference_error_rejected: np.ndarray
+    timestep: np.ndarray
+    prompt_index: np.ndarray
+    valid: np.ndarray
+    time_ids_chosen: np.ndarray | None
+    time_ids_rejected: np.ndarray | None
+
+
+def _zarr_dtype(storage_dtype: str) -> str:
+    # numpy has no bfloat16: such stores keep the raw 16 bits in uint16.
+    return "uint16" if storage_dtype == "bfloat16" else storage_dtype
+
+
+def encode_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float32 values -> the array stored on disk (bfloat16 is kept as its 16 raw bits)."""
+    values = np.asarray(values, dtype=np.float32)
+    if storage_dtype == "bfloat16":
+        bits = values.view(np.uint32)
+        # round to nearest even, as torch does when casting to bfloat16
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (rounded >> 16).astype(np.uint16)
+    return values.astype(storage_dtype)
+
+
+def decode_storage(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """The array on disk -> float32 values."""
+    if storage_dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def round_to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float32 values exactly as they will read back from the store."""
+    return decode_storage(encode_storage(values, storage_dtype), storage_dtype)
+
+
+def _codecs(compress: bool) -> list[Any]:
+    # crc32c goes last so the checksum covers the bytes as written to disk
+    return ([ZstdCodec(level=1)] if compress else []) + [Crc32cCodec()]
+
+
+class CacheStore:
+    """An open inpo cache store. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: Path, group: zarr.Group, layout: StoreLayout) -> None:
+        self.path = path
+        self.group = group
+        self.layout = layout
+
+    # ------------------------------------------------------------------ creation / opening
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        return (Path(path) / "zarr.json").exists()
+
+    @staticmethod
+    def remove(path: str | Path) -> None:
+        """Delete a store, but only something that is recognisably an inpo store (or empty)."""
+        path = Path(path)
+        if not path.exists():
+            return
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            return
+        try:
+            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            attrs = {}
+        if attrs.get("schema") != SCHEMA_NAME:
+            raise StoreError(
+                f"refusing to delete {path}: it is not an inpo cache store; choose another --out"
+            )
+        shutil.rmtree(path)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        layout: StoreLayout,
+        settings: dict[str, Any],
+        provenance: dict[str, Any],
+        plan: RowPlan,
+        prompts: Sequence[str],
+        *,
+        compress: bool = True,
+    ) -> CacheStore:
+        """Create every array at its final size and write the row plan; one process only.
+
+        The group is marked ``state: creating`` until the plan is on disk, so a creation that
+        was killed half way is recognised and redone rather than trusted.
+        """
+        path = Path(path)
+        if len(plan.timestep) != layout.num_rows or len(prompts) != layout.num_prompts:
+            raise StoreError("row plan or prompt list does not match the layout")
+        if prompts[0] != "":
+            raise StoreError("prompt 0 must be the empty prompt")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(path), mode="w")
+            group.attrs.update(
+                {
+                    "schema": SCHEMA_NAME,
+                    "schema_version": SCHEMA_VERSION,
+                    "state": "creating",
+                    "layout": layout.to_json(),
+                    "settings": settings,
+                    "provenance": provenance,
+                }
+            )
+            store = cls(path, group, layout)
+            store._create_arrays(compress)
+            rows = group["rows"]
+            rows["timestep"][:] = plan.timestep.astype(np.int32)
+            rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
+            rows["source_row"][:] = plan.source_row.astype(np.int64)
+            rows["draw"][:] = plan.draw.astype(np.int16)
+            group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
+            group.attrs["state"] = "ready"
+        except OSError as error:
+            raise StoreError(f"cannot create the store at {path}: {error.strerror or error}") from error
+        return store
+
+    def _create_arrays(self, compress: bool) -> None:
+        layout = self.layout
+        n, r = layout.num_rows, layout.rows_per_shard
+        latent = layout.latent_shape
+        dtype = _zarr_dtype(layout.storage_dtype)
+        rows = self.group.create_group("rows")
+
+        def row_array(name: str, tail: tuple[int, ...], array_dtype: str, zipped: bool) -> None:
+            # one inner chunk per row keeps a random row cheap; one shard object per row shard
+            rows.create_array(
+                name,
+                shape=(n, *tail),
+                chunks=(1, *tail),
+                shards=(r, *tail),
+                dtype=array_dtype,
+                compressors=_codecs(zipped),
+                fill_value=0,
+            )
+
+        for name in LATENT_ARRAYS:
+            row_array(name, latent, dtype, compress)
+        for name in ERROR_ARRAYS:
+            row_array(name, (2,), "float32", False)
+        if layout.pooled_dim is not None:
+            for name in TIME_ID_ARRAYS:
+                row_array(name, (TIME_IDS_WIDTH,), "float32", False)
+        for name, array_dtype in (
+            ("valid", "uint8"),
+            ("inversion_steps", "int16"),
+            ("timestep", "int32"),
+            ("prompt_index", "int32"),
+            ("source_row", "int64"),
+            ("draw", "int16"),
+        ):
+            rows.create_array(
+                name, shape=(n,), chunks=(r,), dtype=array_dtype, compressors=_codecs(True), fill_value=0
+            )
+
+        prompts = self.group.create_group("prompts")
+        p, q = layout.num_prompts, layout.prompts_per_chunk
+        prompts.create_array("text", shape=(p,), chunks=(p,), dtype=str)
+        prompts.create_array(
+            "embedding",
+            shape=(p, *layout.text_shape),
+            chunks=(1, *layout.text_shape),
+            shards=(q, *layout.text_shape),
+            dtype=dtype,
+            compressors=_codecs(compress),
+            fill_value=0,
+        )
+        if layout.pooled_dim is not None:
+            prompts.create_array(
+                "pooled_embedding",
+                shape=(p, layout.pooled_dim),
+                chunks=(1, layout.pooled_dim),
+                shards=(q, layout.pooled_dim),
+                dtype=dtype,
+                compressors=_codecs(False),
+                fill_value=0,
+            )
+
+        done = self.group.create_group("done")
+        # chunk size 1: every flag is its own object, so writers never share one
+        done.create_array("shards", shape=(layout.num_shards,), chunks=(1,), dtype="uint8",
+                          compressors=_codecs(False), fill_value=0)
+        done.create_array("prompt_chunks", shape=(layout.num_prompt_chunks,), chunks=(1,),
+                          dtype="uint8", compressors=_codecs(False), fill_value=0)
+        done.create_array("shard_stats", shape=(layout.num_shards, SHARD_STATS_WIDTH),
+                          chunks=(1, SHARD_STATS_WIDTH), dtype="float64",
+                          compressors=_codecs(False), fill_value=0)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> CacheStore:
+        """Open an existing store, checking that it is a complete-at-creation inpo store."""
+        path = Path(path)
+        if not cls.exists(path):
+            raise StoreError(f"no inpo cache store at {path}; create one with `inpo invert`")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+            attrs = dict(group.attrs)
+        except Exception as error:  # zarr raises several types for unreadable metadata
+            raise StoreError(f"cannot read the store at {path}: {error}") from error
+        if attrs.get("schema") != SCHEMA_NAME:
+            raise StoreError(f"{path} is a Zarr group but not an inpo cache store")
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has cache schema version {version}; this inpo reads version "
+                f"{SCHEMA_VERSION}: re-create it with `inpo invert --overwrite`"
+            )
+        if attrs.get("state") != "ready":
+            raise StoreError(
+                f"{path} was not fully created (its creation was interrupted); "
+                "run the same `inpo invert` command again to redo it"
+            )
+        return cls(path, group, StoreLayout.from_json(attrs["layout"]))
+
+    @staticmethod
+    def read_attributes(path: str | Path) -> dict[str, Any]:
+        """The group attributes, without any validation (for deciding whether to resume)."""
+        try:
+            return json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            return {}
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.group.attrs["settings"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.group.attrs["provenance"])
+
+    def update_provenance(self, **values: Any) -> None:
+        """Add facts to the provenance; only the creating (rank-0) process may call this."""
+        provenance = self.provenance
+        provenance.update(values)
+        self.group.attrs["provenance"] = provenance
+
+    # ------------------------------------------------------------------ plan and prompts
+    def read_plan(self, rows: slice | np.ndarray) -> RowPlan:
+        arrays = self.group["rows"]
+        return RowPlan(
+            timestep=np.asarray(arrays["timestep"][rows]),
+            prompt_index=np.asarray(arrays["prompt_index"][rows]),
+            source_row=np.asarray(arrays["source_row"][rows]),
+            draw=np.asarray(arrays["draw"][rows]),
+        )
+
+    def prompt_texts(self, indices: slice | np.ndarray | None = None) -> list[str]:
+        texts = self.group["prompts"]["text"]
+        selected = texts[:] if indices is None else texts[indices]
+        return [str(text) for text in np.atleast_1d(selected)]
+
+    def write_prompt_chunk(self, chunk: int, embedding: np.ndarray, pooled: np.ndarray | None) -> None:
+        """Write one prompt chunk's embeddings (float32 in), then mark the chunk done."""
+        prompts = self.group["prompts"]
+        span = self.layout.prompt_chunk(chunk)
+        prompts["embedding"][span] = encode_storage(embedding, self.layout.storage_dtype)
+        if self.layout.pooled_dim is not None:
+            assert pooled is not None
+            prompts["pooled_embedding"][span] = encode_storage(pooled, self.layout.storage_dtype)
+        self.group["done"]["prompt_chunks"][chunk] = 1
+
+    def read_prompt_embeddings(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 text (and SDXL pooled) embeddings of prompts `indices`, as stored."""
+        unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        prompts = self.group["prompts"]
+        dtype = self.layout.storage_dtype
+        text = decode_storage(prompts["embedding"].get_orthogonal_selection(unique), dtype)[inverse]
+        pooled = None
+        if self.layout.pooled_dim is not None:
+            stored = prompts["pooled_embedding"].get_orthogonal_selection(unique)
+            pooled = decode_storage(stored, dtype)[inverse]
+        return text, pooled
+
+    # ------------------------------------------------------------------ completion flags
+    def shards_done(self) -> np.ndarray:
+        return np.asarray(self.group["done"]["shards"][:]).astype(bool)
+
+    def prompt_chunks_done(self) -> np.ndarray:
+        return np.asarray(self.group["done"]["prompt_chunks"][:]).astype(bool)
+
+    def is_complete(self) -> bool:
+        return bool(self.shards_done().all() and self.prompt_chunks_done().all())
+
+    # ------------------------------------------------------------------ shard writes
+    def write_shard(self, shard: int, result: ShardResult) -> None:
+        """Write one whole shard (one assignment per array), then set its done flag."""
+        span = self.layout.shard_rows(shard)
+        expected = span.stop - span.start
+        rows = self.group["rows"]
+        dtype = self.layout.storage_dtype
+        for name in LATENT_ARRAYS:
+            values = getattr(result, name)
+            if len(values) != expected:
+                raise StoreError(f"shard {shard}: {name} has {len(values)} rows, expected {expected}")
+            rows[name][span] = encode_storage(values, dtype)
+        for name in ERROR_ARRAYS:
+            rows[name][span] = np.asarray(getattr(result, name), dtype=np.float32)
+        if self.layout.pooled_dim is not None:
+            for name in TIME_ID_ARRAYS:
+                values = getattr(result, name)
+                assert values is not None, f"{name} is required for SDXL stores"
+                rows[name][span] = np.asarray(values, dtype=np.float32)
+        rows["valid"][span] = np.asarray(result.valid, dtype=np.uint8)
+        rows["inversion_steps"][span] = np.asarray(result.inversion_steps, dtype=np.int16)
+        done = self.group["done"]
+        done["shard_stats"][shard] = np.asarray(result.stats, dtype=np.float64)
+        done["shards"][shard] = 1
+
+    # ------------------------------------------------------------------ reads
+    def read_rows(self, indices: np.ndarray | slice) -> RowBatch:
+        """Rows by index (any order); float32 values exactly as the trainer will see them."""
+        if isinstance(indices, slice):
+            indices = np.arange(*indices.indices(self.layout.num_rows))
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        sorted_indices = indices[order]
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        rows = self.group["rows"]
+        dtype = self.layout.storage_dtype
+
+        def take(name: str) -> np.ndarray:
+            return np.asarray(rows[name].get_orthogonal_selection(sorted_indices))[restore]
+
+        def take_latent(name: str) -> np.ndarray:
+            return decode_storage(take(name), dtype)
+
+        sdxl = self.layout.pooled_dim is not None
+        return RowBatch(
+            indices=indices,
+            latent_chosen=take_latent("latent_chosen"),
+            latent_rejected=take_latent("latent_rejected"),
+            target_chosen=take_latent("target_chosen"),
+            target_rejected=take_latent("target_rejected"),
+            reference_error_chosen=take("reference_error_chosen"),
+            reference_error_rejected=take("reference_error_rejected"),
+            timestep=take("timestep"),
+            prompt_index=take("prompt_index"),
+            valid=take("valid").astype(bool),
+            time_ids_chosen=take("time_ids_chosen") if sdxl else None,
+            time_ids_rejected=take("time_ids_rejected") if sdxl else None,
+        )
+
+    def valid_rows(self) -> np.ndarray:
+        """Indices of rows that are finished and hold a usable pair."""
+        done_rows = np.repeat(self.shards_done(), self.layout.rows_per_shard)[: self.layout.num_rows]
+        valid = np.asarray(self.group["rows"]["valid"][:]).astype(bool)
+        return np.flatnonzero(done_rows & valid)
+
+    # ------------------------------------------------------------------ summaries
+    def bytes_on_disk(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, name))
+                except OSError:
+                    pass
+        return total
+
+    def raw_bytes_per_row(self) -> int:
+        """Uncompressed bytes of one row's arrays (the latents dominate)."""
+        c, h, w = self.layout.latent_shape
+        item = 4 if self.layout.storage_dtype == "float32" else 2
+        total = len(LATENT_ARRAYS) * c * h * w * item + len(ERROR_ARRAYS) * 2 * 4
+        if self.layout.pooled_dim is not None:
+            total += len(TIME_ID_ARRAYS) * TIME_IDS_WIDTH * 4
+        return total + 1 + 2 + 4 + 4 + 8 + 2
+
+    def summary(self) -> dict[str, Any]:
+        """Facts for `inpo cache info`: progress, sizes, dropped pairs by reason."""
+        layout = self.layout
+        done = self.shards_done()
+        done_rows = np.repeat(done, layout.rows_per_shard)[: layout.num_rows]
+        rows = self.group["rows"]
+        valid = np.asarray(rows["valid"][:]).astype(bool)
+        source_row = np.asarray(rows["source_row"][:])
+        broken_sources = np.unique(source_row[done_rows & ~valid])
+        stats = np.asarray(self.group["done"]["shard_stats"][:])[done]
+        unet_rows, padded_rows, seconds = stats.sum(axis=0) if len(stats) else (0.0, 0.0, 0.0)
+        disk = self.bytes_on_disk()
+        finished_rows = int(done_rows.sum())
+        return {
+            "path": str(self.path),
+            "schema": f"{SCHEMA_NAME} v{SCHEMA_VERSION}",
+            "rows": layout.num_rows,
+            "rows_done": finished_rows,
+            "rows_valid": int((done_rows & valid).sum()),
+            "shards_done": int(done.sum()),
+            "shards": layout.num_shards,
+            "prompt_chunks_done": int(self.prompt_chunks_done().sum()),
+            "prompt_chunks": layout.num_prompt_chunks,
+            "prompts": layout.num_prompts,
+            "complete": bool(done.all() and self.prompt_chunks_done().all()),
+            "bytes_on_disk": disk,
+            "bytes_per_row": disk / max(layout.num_rows, 1),
+            "raw_bytes_per_row": self.raw_bytes_per_row(),
+            "broken_pairs": int(len(broken_sources)),
+            "broken_source_rows": broken_sources.tolist(),
+            "unet_row_evaluations": float(unet_rows),
+            "padded_row_evaluations": float(padded_rows),
+            "inversion_seconds": float(seconds),
+            "layout": layout.to_json(),
+            "settings": self.settings,
+            "provenance": self.provenance,
+        }
+
+    def check_integrity(self, progress: Any = None) -> list[str]:
+        """Read every chunk (crc32c checked on decode); report problems as one-line strings.
+
+        Checks completeness, array shapes against the layout, NaN/Inf in finished rows, and
+        that no finished, valid row has a negative step count.
+        """
+        problems: list[str] = []
+        layout = self.layout
+        done = self.shards_done()
+        if not done.all():
+            problems.append(f"incomplete: {int((~done).sum())} of {layout.num_shards} shards not done")
+        chunks_done = self.prompt_chunks_done()
+        if not chunks_done.all():
+            problems.append(
+                f"incomplete: {int((~chunks_done).sum())} of {layout.num_prompt_chunks} prompt chunks not done"
+            )
+        rows = self.group["rows"]
+        expected_shapes: dict[str, tuple[int, ...]] = {
+            name: (layout.num_rows, *layout.latent_shape) for name in LATENT_ARRAYS
+        }
+        expected_shapes.update({name: (layout.num_rows, 2) for name in ERROR_ARRAYS})
+        if layout.pooled_dim is not None:
+            expected_shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
+        for name, shape in expected_shapes.items():
+            if name not in rows:
+                problems.append(f"missing array rows/{name}")
+            elif tuple(rows[name].shape) != shape:
+                problems.append(f"rows/{name} has shape {tuple(rows[name].shape)}, expected {shape}")
+        if problems and any(p.startswith("missing") or "shape" in p for p in problems):
+            return problems
+        valid = np.asarray(rows["valid"][:]).astype(bool)
+        for shard in range(layout.num_shards):
+            span = layout.shard_rows(shard)
+            for name in list(expected_shapes) + ["inversion_steps"]:
+                try:
+                    values = np.asarray(rows[name][span])
+                except Exception as error:  # a checksum mismatch surfaces as a codec error
+                    problems.append(f"shard {shard}: rows/{name} unreadable ({type(error).__name__}: {error})")
+                    continue
+                if not done[shard]:
+                    continue
+                if name in LATENT_ARRAYS:
+                    values = decode_storage(values, layout.storage_dtype)
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    problems.append(f"shard {shard}: rows/{name} holds NaN or Inf")
+                if name == "inversion_steps" and (values[valid[span]] < 0).any():
+                    problems.append(f"shard {shard}: negative inversion step count")
+            if progress is not None:
+                progress(shard)
+        prompts = self.group["prompts"]
+        for chunk in range(layout.num_prompt_chunks):
+            span = layout.prompt_chunk(chunk)
+            for name in ("embedding", "pooled_embedding"):
+                if name not in prompts:
+                    continue
+                try:
+                    values = decode_storage(np.asarray(prompts[name][span]), layout.storage_dtype)
+                except Exception as error:
+                    problems.append(f"prompt chunk {chunk}: prompts/{name} unreadable ({type(error).__name__}: {error})")
+                    continue
+                if chunks_done[chunk] and not np.isfinite(values).all():
+                    problems.append(f"prompt chunk {chunk}: prompts/{name} holds NaN or Inf")
+        return problems
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,3 @@
+from inpo_pipeline.cli import main
+
+main()

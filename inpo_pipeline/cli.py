@@ -1,0 +1,210 @@
+"""The `inpo` command line: parse, call a stage, report. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from inpo_pipeline.reporting import Reporter, human_bytes
+
+app = typer.Typer(
+    name="inpo",
+    help="DDIM-InPO preference alignment: `inpo invert` fills a cache once, `inpo train` learns from it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect and check a cache store.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(function: F) -> F:
+    """Turn the project's input errors into one line on stderr and exit status 2."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cache_schema import StoreError
+        from inpo_pipeline.data import DataError
+        from inpo_pipeline.errors import UserError
+        from inpo_pipeline.models import ModelError
+
+        try:
+            return function(*args, **kwargs)
+        except (UserError, DataError, ModelError, StoreError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@_user_errors
+def invert(
+    model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.5- or SDXL-type).")],
+    data: Annotated[str, typer.Option(help="Pick-a-Pic parquet file/folder/glob, a JSONL/CSV manifest, or hf:DATASET_ID.")],
+    out: Annotated[str, typer.Option(help="The Zarr store to create or resume.")],
+    split: Annotated[str | None, typer.Option(help="Split: parquet files named SPLIT-*.parquet in a folder, or the hub split.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's native size).")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Use only the first N non-tie pairs.")] = None,
+    inversion_steps: Annotated[int, typer.Option(help="n: DDIM steps for a walk over all T timesteps.")] = 10,
+    inversion_guidance: Annotated[float, typer.Option(help="w_inv: 0 unconditional, 1 conditional, else CFG.")] = 0.0,
+    timestep_mode: Annotated[str, typer.Option(help="exact: the walk ends at t; grid: the authors' n-point grid below t.")] = "exact",
+    eta: Annotated[float, typer.Option(help="Seeded noise added per inversion step (the authors use 0.1).")] = 0.0,
+    timesteps_per_pair: Annotated[int, typer.Option(help="K: rows (timestep draws) per pair.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per UNet call.")] = 8,
+    dtype: Annotated[str, typer.Option(help="Storage dtype of latents and targets: float16, bfloat16, float32.")] = "float16",
+    compute_dtype: Annotated[str, typer.Option(help="UNet compute dtype: float32, float16, bfloat16.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of timesteps, row order and inversion noise.")] = 0,
+    unet: Annotated[str | None, typer.Option(help="Another UNet as the reference (e.g. an SFT UNet).")] = None,
+    vae: Annotated[str | None, typer.Option(help="Another VAE (e.g. SDXL's fp16-fix).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at OUT first.")] = False,
+    rows_per_shard: Annotated[int, typer.Option(help="Rows per shard (one writer owns a shard).")] = 64,
+    shards_per_window: Annotated[int, typer.Option(help="Shards per window (rows are shuffled within a window).")] = 16,
+    device: Annotated[str | None, typer.Option(help="torch device (default: accelerate's choice).")] = None,
+) -> None:
+    """Invert a preference dataset once with the reference model and write the cache store."""
+    from stages.invert import InvertOptions, run_invert
+
+    options = InvertOptions(
+        model=model, data=data, out=out, split=split, resolution=resolution, max_pairs=max_pairs,
+        inversion_steps=inversion_steps, inversion_guidance=inversion_guidance,
+        timestep_mode=timestep_mode, eta=eta, timesteps_per_pair=timesteps_per_pair,
+        batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
+        vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
+        shards_per_window=shards_per_window, device=device,
+    )
+    from accelerate import PartialState
+
+    reporter = Reporter(enabled=PartialState().is_main_process)
+    summary = run_invert(options, reporter)
+    run = summary["this_run"]
+    reporter.table("inpo invert", [
+        ("store", summary["path"]),
+        ("pairs written", f"{summary['rows_valid']} rows valid of {summary['rows']} "
+                          f"({summary['shards_done']}/{summary['shards']} shards done)"),
+        ("ties dropped", summary["provenance"]["filter"]["ties"]),
+        ("broken pairs dropped", summary["broken_pairs"]),
+        ("UNet calls (this run)", f"{run['unet_calls']}, padding/idle share {run['padding_share']:.1%}"),
+        ("wall time (this run)", f"{run['wall_seconds']:.1f} s ({run['seconds_in_unet']:.1f} s in UNet)"),
+        ("bytes on disk", f"{human_bytes(summary['bytes_on_disk'])} "
+                          f"({human_bytes(summary['bytes_per_row'])}/row)"),
+    ])
+    if not summary["complete"]:
+        raise typer.Exit(1)
+
+
+@cache_app.command("info")
+@_user_errors
+def cache_info(
+    store: Annotated[str, typer.Argument(help="The cache store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full summary as JSON.")] = False,
+) -> None:
+    """A readable summary: rows, progress, provenance, size, dropped pairs."""
+    from cache_schema import CacheStore
+
+    summary = CacheStore.open(store).summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    settings, provenance = summary["settings"], summary["provenance"]
+    reporter = Reporter(console=None)
+    reporter.console.file = sys.stdout
+    broken = summary["broken_source_rows"]
+    reporter.table(f"inpo cache {summary['path']}", [
+        ("schema", summary["schema"]),
+        ("rows", f"{summary['rows']} ({summary['rows_done']} done, {summary['rows_valid']} valid)"),
+        ("shards done", f"{summary['shards_done']}/{summary['shards']}"
+                        + (" — complete" if summary["complete"] else " — INCOMPLETE")),
+        ("prompts", f"{summary['prompts'] - 1} distinct + the empty prompt"),
+        ("model", f"{settings['model']} ({settings['family']})"
+                  + (f", UNet {settings['unet']}" if settings.get("unet") else "")),
+        ("UNet fingerprint", settings["unet_fingerprint"]),
+        ("data", provenance.get("data_description", "")),
+        ("filter", f"{provenance['filter']['source_rows_scanned']} rows scanned, "
+                   f"{provenance['filter']['ties']} ties dropped, {provenance['filter']['kept_pairs']} pairs kept"),
+        ("broken pairs", f"{len(broken)}" + (f" (source rows {', '.join(map(str, broken[:20]))}"
+                                              f"{' …' if len(broken) > 20 else ''})" if broken else "")),
+        ("inversion", f"{settings['timestep_mode']}, n={settings['inversion_steps']}, "
+                      f"w_inv={settings['inversion_guidance']}, eta={settings['eta']}, "
+                      f"K={settings['timesteps_per_pair']}, seed={settings['seed']}"),
+        ("resolution / dtype", f"{settings['resolution']} px, latents {tuple(summary['layout']['latent_shape'])} "
+                               f"stored as {settings['storage_dtype']}"),
+        ("UNet work", f"{summary['unet_row_evaluations']:.0f} row evaluations, "
+                      f"padding/idle share {1 - summary['unet_row_evaluations'] / max(summary['padded_row_evaluations'], 1):.1%}"),
+        ("bytes on disk", f"{human_bytes(summary['bytes_on_disk'])}: {human_bytes(summary['bytes_per_row'])}/row "
+                          f"vs {human_bytes(summary['raw_bytes_per_row'])}/row raw"),
+        ("created", f"{provenance.get('created_at')} by inpo {provenance.get('inpo_version')}"
+                    + (f", completed {provenance['completed_at']}" if provenance.get("completed_at") else "")),
+    ])
+
+
+@cache_app.command("verify")
+@_user_errors
+def cache_verify(
+    store: Annotated[str, typer.Argument(help="The cache store.")],
+    recompute: Annotated[int, typer.Option(help="Also redo K random rows from the source images and compare.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed choosing the rows to recompute.")] = 0,
+    device: Annotated[str | None, typer.Option(help="torch device for --recompute.")] = None,
+) -> None:
+    """Check completeness, shapes, NaN/Inf and every checksum; optionally recompute rows."""
+    from stages.verify import verify_store
+
+    reporter = Reporter()
+    problems = verify_store(store, recompute=recompute, seed=seed, device=device, reporter=reporter)
+    for problem in problems:
+        typer.echo(f"FAIL {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK {store}")
+
+
+@app.command()
+@_user_errors
+def example(
+    out: Annotated[Path, typer.Option(help="Folder for the example's model, data and store.")] = Path("example-output"),
+    pairs: Annotated[int, typer.Option(help="Pairs in the generated data set.")] = 32,
+    family: Annotated[str, typer.Option(help="sd15 or sdxl tiny model.")] = "sd15",
+) -> None:
+    """Run the whole pipeline on a built-in tiny model and a generated preference set."""
+    from stages.example import run_example
+
+    run_example(out, pairs=pairs, family=family, reporter=Reporter())
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advice would drown the tool's own report."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+@app.callback()
+def _setup() -> None:
+    _quiet_libraries()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

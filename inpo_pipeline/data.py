@@ -1,0 +1,381 @@
+"""Preference-pair sources: Pick-a-Pic parquet, a hub dataset, or a JSONL/CSV manifest.
+
+A source answers two questions, both streamed:
+
+* :meth:`PairSource.scan` — the cheap columns (caption, labels) of every source row, in order,
+  so that stage one can drop ties and plan the store without touching an image;
+* :meth:`PairSource.read` — the image bytes of a sorted list of source rows, read group by
+  group so that memory holds one parquet row group (or one window of pairs) at a time.
+
+Image decoding and the resize/crop live here too, so that a pair whose image cannot be
+decoded is recognised in one place and dropped as a pair.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+MANIFEST_PROMPT_COLUMNS = ("prompt", "caption")
+MANIFEST_COLUMNS = ("chosen", "rejected")
+
+
+class DataError(Exception):
+    """Input data that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ScannedRow:
+    """The cheap facts of one source row."""
+
+    source_row: int
+    caption: str
+    is_tie: bool
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One preference pair's raw material: undecoded image bytes (None = unreadable file)."""
+
+    source_row: int
+    caption: str
+    chosen: bytes | None
+    rejected: bytes | None
+
+
+def _preference(label_0: Any, label_1: Any) -> int | None:
+    """Which image is preferred: 0, 1, or None for a tie (Pick-a-Pic's label_0 = 0.5)."""
+    first, second = float(label_0), float(label_1)
+    if first == second:
+        return None
+    return 0 if first > second else 1
+
+
+class PairSource:
+    """Interface of a preference data source."""
+
+    kind: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the data (recorded in the store, compared on resume)."""
+        raise NotImplementedError
+
+    def scan(self) -> Iterator[ScannedRow]:
+        raise NotImplementedError
+
+    def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
+        """Records of `source_rows` (sorted ascending, unique), in that order."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- parquet
+class ParquetSource(PairSource):
+    """Pick-a-Pic v2 parquet files: columns caption, jpg_0, jpg_1 (bytes), label_0, label_1."""
+
+    kind = "parquet"
+
+    def __init__(self, files: Sequence[Path], split: str | None) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = [Path(f) for f in files]
+        self.split = split
+        self._row_groups: list[tuple[int, int, int, int]] = []  # (start, stop, file, group)
+        start = 0
+        for file_index, path in enumerate(self.files):
+            try:
+                metadata = pq.ParquetFile(path).metadata
+            except Exception as error:
+                raise DataError(f"{path} is not a readable parquet file ({error})") from error
+            names = set(metadata.schema.names)
+            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+            if missing:
+                raise DataError(
+                    f"{path} lacks column(s) {', '.join(missing)}; Pick-a-Pic parquet needs "
+                    f"{', '.join(PICKAPIC_COLUMNS)} (or give a JSONL/CSV manifest)"
+                )
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                self._row_groups.append((start, start + rows, file_index, group))
+                start += rows
+        self.num_rows = start
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "split": self.split,
+            "files": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in self.files],
+            "rows": self.num_rows,
+        }
+
+    def scan(self) -> Iterator[ScannedRow]:
+        import pyarrow.parquet as pq
+
+        source_row = 0
+        for path in self.files:
+            reader = pq.ParquetFile(path)
+            for batch in reader.iter_batches(batch_size=8192, columns=["caption", "label_0", "label_1"]):
+                captions = batch.column("caption").to_pylist()
+                first = batch.column("label_0").to_pylist()
+                second = batch.column("label_1").to_pylist()
+                for caption, label_0, label_1 in zip(captions, first, second):
+                    yield ScannedRow(source_row, caption or "", _preference(label_0, label_1) is None)
+                    source_row += 1
+
+    def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
+        import pyarrow.parquet as pq
+
+        wanted = np.asarray(source_rows, dtype=np.int64)
+        if len(wanted) == 0:
+            return
+        starts = np.array([group[0] for group in self._row_groups], dtype=np.int64)
+        group_of = np.searchsorted(starts, wanted, side="right") - 1
+        readers: dict[int, Any] = {}
+        for group_index in np.unique(group_of):
+            start, _stop, file_index, group = self._row_groups[int(group_index)]
+            reader = readers.setdefault(file_index, pq.ParquetFile(self.files[file_index]))
+            local = wanted[group_of == group_index] - start
+            table = reader.read_row_group(group, columns=list(PICKAPIC_COLUMNS)).take(local)
+            columns = {name: table.column(name).to_pylist() for name in PICKAPIC_COLUMNS}
+            for offset, source_row in enumerate(wanted[group_of == group_index]):
+                preferred = _preference(columns["label_0"][offset], columns["label_1"][offset])
+                if preferred is None:
+                    raise DataError(f"source row {source_row} is a tie; the data changed since the store was planned")
+                images = (columns["jpg_0"][offset], columns["jpg_1"][offset])
+                yield PairRecord(
+                    int(source_row),
+                    columns["caption"][offset] or "",
+                    images[preferred],
+                    images[1 - preferred],
+                )
+            del table, columns
+
+
+# ---------------------------------------------------------------------------- hub dataset
+class HubSource(PairSource):
+    """A dataset loaded through `datasets` (hub id or local dataset folder), Pick-a-Pic columns."""
+
+    kind = "hub"
+
+    def __init__(self, dataset_id: str, split: str) -> None:
+        try:
+            import datasets
+        except ImportError as error:
+            raise DataError(
+                "reading a hub dataset needs the `datasets` package: pip install 'inpo[hub]'"
+            ) from error
+        self.dataset_id = dataset_id
+        self.split = split
+        try:
+            dataset = datasets.load_dataset(dataset_id, split=split)
+        except Exception as error:
+            raise DataError(f"cannot load dataset {dataset_id!r} split {split!r}: {error}") from error
+        missing = [c for c in PICKAPIC_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"dataset {dataset_id} lacks column(s) {', '.join(missing)}")
+        for column in ("jpg_0", "jpg_1"):
+            feature = dataset.features[column]
+            if isinstance(feature, datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
+        self.fingerprint = getattr(dataset, "_fingerprint", None)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dataset": self.dataset_id, "split": self.split,
+                "rows": len(self.dataset), "fingerprint": self.fingerprint}
+
+    def scan(self) -> Iterator[ScannedRow]:
+        cheap = self.dataset.select_columns(["caption", "label_0", "label_1"])
+        source_row = 0
+        for batch in cheap.iter(batch_size=8192):
+            for caption, label_0, label_1 in zip(batch["caption"], batch["label_0"], batch["label_1"]):
+                yield ScannedRow(source_row, caption or "", _preference(label_0, label_1) is None)
+                source_row += 1
+
+    def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
+        for start in range(0, len(source_rows), 256):
+            block = [int(r) for r in source_rows[start : start + 256]]
+            batch = self.dataset.select(block)[:]
+            for offset, source_row in enumerate(block):
+                preferred = _preference(batch["label_0"][offset], batch["label_1"][offset])
+                if preferred is None:
+                    raise DataError(f"source row {source_row} is a tie; the data changed since the store was planned")
+                images = tuple(_as_bytes(batch[c][offset]) for c in ("jpg_0", "jpg_1"))
+                yield PairRecord(source_row, batch["caption"][offset] or "", images[preferred], images[1 - preferred])
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return _read_file(value.get("path"))
+    return value
+
+
+# ---------------------------------------------------------------------------- manifest
+class ManifestSource(PairSource):
+    """A JSONL or CSV manifest: prompt (or caption), chosen, rejected (image paths).
+
+    Relative paths are resolved against the manifest's folder. The manifest's text (not its
+    images) is held in memory: a few hundred bytes per pair.
+    """
+
+    kind = "manifest"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = list(self._parse())
+        if not self.entries:
+            raise DataError(f"{path} holds no rows")
+
+    def _parse(self) -> Iterator[tuple[str, str, str]]:
+        base = self.path.parent
+        if self.path.suffix.lower() in (".jsonl", ".json"):
+            with self.path.open(encoding="utf-8") as handle:
+                rows: Iterable[dict[str, Any]] = (
+                    self._json_line(line, number) for number, line in enumerate(handle, 1) if line.strip()
+                )
+                yield from (self._entry(row, base) for row in rows)
+        else:
+            with self.path.open(encoding="utf-8", newline="") as handle:
+                reader = csv.DictReader(handle)
+                self._check_columns(reader.fieldnames or [])
+                yield from (self._entry(row, base) for row in reader)
+
+    def _json_line(self, line: str, number: int) -> dict[str, Any]:
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{self.path}:{number} is not valid JSON ({error.args[0]})") from error
+        self._check_columns(list(row))
+        return row
+
+    def _check_columns(self, names: Sequence[str]) -> None:
+        prompt_ok = any(c in names for c in MANIFEST_PROMPT_COLUMNS)
+        missing = ([] if prompt_ok else ["prompt"]) + [c for c in MANIFEST_COLUMNS if c not in names]
+        if missing:
+            raise DataError(
+                f"{self.path} lacks column(s) {', '.join(missing)}; a manifest needs prompt, chosen, rejected"
+            )
+
+    @staticmethod
+    def _entry(row: dict[str, Any], base: Path) -> tuple[str, str, str]:
+        prompt = row.get("prompt", row.get("caption")) or ""
+        return str(prompt), str(base / str(row["chosen"])), str(base / str(row["rejected"]))
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path.resolve()),
+                "bytes": self.path.stat().st_size, "rows": len(self.entries)}
+
+    def scan(self) -> Iterator[ScannedRow]:
+        for source_row, (prompt, _chosen, _rejected) in enumerate(self.entries):
+            yield ScannedRow(source_row, prompt, False)
+
+    def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
+        for source_row in source_rows:
+            prompt, chosen, rejected = self.entries[int(source_row)]
+            yield PairRecord(int(source_row), prompt, _read_file(chosen), _read_file(rejected))
+
+
+def _read_file(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------- opening
+HUB_PREFIX = "hf:"
+
+
+def open_source(data: str, split: str | None = None) -> PairSource:
+    """Pick the source for DATA: `hf:ID`, a .jsonl/.csv manifest, or parquet file/folder/glob."""
+    if data.startswith(HUB_PREFIX):
+        return HubSource(data[len(HUB_PREFIX) :], split or "train")
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        return ManifestSource(path)
+    if path.is_file():
+        return ParquetSource([path], split)
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise DataError(f"{path} holds no .parquet files")
+        wanted = split or "train"
+        matching = [f for f in files if f.name.split("-")[0] == wanted]
+        if matching:
+            return ParquetSource(matching, wanted)
+        if split is not None:
+            raise DataError(f"{path} holds no parquet files of split {split!r} (names like {split}-00000-of-N.parquet)")
+        return ParquetSource(files, None)
+    matches = sorted(Path(p) for p in globlib.glob(data, recursive=True) if p.endswith(".parquet"))
+    if matches:
+        return ParquetSource(matches, split)
+    if any(ch in data for ch in "*?["):
+        raise DataError(f"no parquet files match {data!r}")
+    raise DataError(
+        f"data {data!r} not found: give a parquet file, folder or glob, a .jsonl/.csv manifest, or hf:DATASET_ID"
+    )
+
+
+# ---------------------------------------------------------------------------- images
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image resized and centre-cropped for the VAE, and the SDXL size conditioning."""
+
+    pixels: np.ndarray  # (3, R, R) float32 in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]
+
+
+def prepare_image(data: bytes | None, resolution: int) -> PreparedImage | None:
+    """Decode, convert to RGB, resize the short side to R (bilinear), centre-crop to R×R.
+
+    Returns None when the bytes are not a fully decodable image, so the caller can drop the
+    pair as a whole.
+    """
+    if not data:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                image = opened.convert("RGB")
+    except Exception:  # PIL raises many types for bad bytes; every one means "broken image"
+        return None
+    width, height = image.size
+    if width < 1 or height < 1:
+        return None
+    new_width = resolution if width <= height else int(resolution * width / height)
+    new_height = resolution if height <= width else int(resolution * height / width)
+    resized = image.resize((new_width, new_height), Image.BILINEAR)
+    top = int(round((new_height - resolution) / 2.0))
+    left = int(round((new_width - resolution) / 2.0))
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return PreparedImage(np.ascontiguousarray(pixels), (height, width), (top, left))
+
+
+def describe_source(source: PairSource) -> str:
+    identity = source.identity()
+    if identity["kind"] == "parquet":
+        files = identity["files"]
+        where = files[0]["path"] if len(files) == 1 else f"{len(files)} files under {os.path.commonpath([f['path'] for f in files])}"
+        return f"parquet: {where}"
+    if identity["kind"] == "hub":
+        return f"hub dataset {identity['dataset']} [{identity['split']}]"
+    return f"manifest: {identity['path']}"

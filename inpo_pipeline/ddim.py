@@ -1,0 +1,135 @@
+"""DDIM inversion math: trajectories, the inversion step, the single-step target.
+
+Every function here is pure (tensors in, tensors out) and cites the equation of
+``shared/DESIGN.md`` it computes. Timesteps are integer indices into the scheduler's
+``alphas_cumprod`` (0..T-1). The clean image sits *before* timestep 0: it is written as
+position ``CLEAN = -1`` with ``alpha_bar = 1``, so a trajectory from the image to ``t``
+covers ``t + 1`` timestep units.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CLEAN = -1
+"""Trajectory position of the clean latent x0 (alpha_bar = 1)."""
+
+TIMESTEP_MODES = ("exact", "grid")
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """ā at integer trajectory positions, with ā(CLEAN) = 1 (DESIGN §1.2: the walk starts at x0)."""
+    positions = positions.long()
+    safe = positions.clamp(min=0)
+    values = alphas_cumprod.to(positions.device)[safe]
+    return torch.where(positions < 0, torch.ones_like(values), values)
+
+
+def exact_trajectory(t: int, num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Positions of an `exact` inversion from x0 to t (issue 2, `--timestep-mode exact`).
+
+    m = max(1, ceil(n·(t+1)/T)) nearly equal steps from CLEAN (-1) to t, so that no step is
+    longer than ceil(T/n) timestep units and the walk ends exactly at t. (The issue writes ⌈n·t/T⌉;
+    counting the distance from the clean image, t+1, keeps t = 0 at one step instead of none.)
+    Returns [CLEAN, s_1, ..., s_m = t].
+    """
+    if not 0 <= t < num_train_timesteps:
+        raise ValueError(f"timestep {t} outside 0..{num_train_timesteps - 1}")
+    distance = t + 1
+    steps = max(1, math.ceil(num_steps * distance / num_train_timesteps))
+    return [CLEAN + round(i * distance / steps) for i in range(steps + 1)]
+
+
+def grid_trajectory(
+    t: int, num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0
+) -> list[int]:
+    """Positions of the authors' `grid` inversion (DESIGN §1.5).
+
+    The n-point DDIM grid g_j = j·T/n + offset; the walk visits only the grid points strictly
+    below t, and the latent at the last one is then used as if it were x_t. With no grid point
+    below t the walk is empty and x0 itself is used. Returns [CLEAN, g_0, ..., g_k].
+    """
+    if not 0 <= t < num_train_timesteps:
+        raise ValueError(f"timestep {t} outside 0..{num_train_timesteps - 1}")
+    stride = num_train_timesteps // num_steps
+    grid = [j * stride + steps_offset for j in range(num_steps)]
+    return [CLEAN] + [g for g in grid if g < t]
+
+
+def trajectory(
+    t: int, mode: str, num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0
+) -> list[int]:
+    """The inversion walk for label t under `mode` ('exact' or 'grid')."""
+    if mode == "exact":
+        return exact_trajectory(t, num_steps, num_train_timesteps)
+    if mode == "grid":
+        return grid_trajectory(t, num_steps, num_train_timesteps, steps_offset)
+    raise ValueError(f"unknown timestep mode {mode!r}; use one of {TIMESTEP_MODES}")
+
+
+def guided_noise(
+    noise_uncond: torch.Tensor | None, noise_cond: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
+    """ε̂ = ε(∅) + w·(ε(c) − ε(∅)) (DESIGN §1.2). w = 0 and w = 1 need only one of the two."""
+    if guidance == 0.0:
+        assert noise_uncond is not None
+        return noise_uncond
+    if guidance == 1.0:
+        assert noise_cond is not None
+        return noise_cond
+    assert noise_uncond is not None and noise_cond is not None
+    return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+
+def _coefficients(alpha_bar: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(ā) and sqrt(1−ā) per row, shaped to broadcast over `like`.
+
+    Computed in float64 and cast last: in bf16, ā_0 = 0.99915 rounds to 1 and 1−ā would be 0.
+    """
+    alpha_bar = alpha_bar.to(torch.float64).reshape(-1, *([1] * (like.ndim - 1)))
+    return alpha_bar.sqrt().to(like.dtype), (1 - alpha_bar).sqrt().to(like.dtype)
+
+
+def inversion_step(
+    latent: torch.Tensor,
+    noise_pred: torch.Tensor,
+    alpha_bar_from: torch.Tensor,
+    alpha_bar_to: torch.Tensor,
+) -> torch.Tensor:
+    """One deterministic DDIM step from position s to s' (DESIGN §1.2), per row.
+
+    x̂0 = (x_s − sqrt(1−ā_s)·ε̂) / sqrt(ā_s)
+    x_{s'} = sqrt(ā_{s'})·x̂0 + sqrt(1−ā_{s'})·ε̂
+
+    Used upwards (s < s') this is inversion; used downwards it is the DDIM sampler (η = 0),
+    which is how the round-trip test closes the loop.
+    """
+    signal_from, noise_from = _coefficients(alpha_bar_from, latent)
+    signal_to, noise_to = _coefficients(alpha_bar_to, latent)
+    predicted_x0 = (latent - noise_from * noise_pred) / signal_from
+    return signal_to * predicted_x0 + noise_to * noise_pred
+
+
+def single_step_target(
+    latent_t: torch.Tensor, latent_0: torch.Tensor, alpha_bar_t: torch.Tensor
+) -> torch.Tensor:
+    """τ_t = (x_t − sqrt(ā_t)·x0) / sqrt(1−ā_t) (DESIGN §1.3), per row."""
+    signal, noise = _coefficients(alpha_bar_t, latent_t)
+    return (latent_t - signal * latent_0) / noise
+
+
+def predicted_clean(
+    latent_t: torch.Tensor, noise_pred: torch.Tensor, alpha_bar_t: torch.Tensor
+) -> torch.Tensor:
+    """x0(t) = (x_t − sqrt(1−ā_t)·ε) / sqrt(ā_t): the single-step view (DESIGN §1.1)."""
+    signal, noise = _coefficients(alpha_bar_t, latent_t)
+    return (latent_t - noise * noise_pred) / signal
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean‖ε − τ‖² over each sample's C×H×W elements (DESIGN §1.4), in float32 or wider."""
+    dtype = torch.promote_types(torch.promote_types(prediction.dtype, target.dtype), torch.float32)
+    difference = prediction.to(dtype) - target.to(dtype)
+    return difference.pow(2).flatten(1).mean(dim=1)

@@ -1,0 +1,131 @@
+"""Planning a store: which pairs are kept, which t each row gets, where each row goes.
+
+All randomness here is a pure function of (seed, source row, draw), never of the order in
+which rows are processed or of the number of processes, so a store is the same whether it
+was written by one process, eight, or a run that was killed and resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inpo_pipeline.data import ScannedRow
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, vectorised: a well-mixed 64-bit hash of each input."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_keys(seed: int, source_row: np.ndarray, draw: np.ndarray, salt: int = 0) -> np.ndarray:
+    """A 64-bit key per (seed, source row, draw, salt): the root of every per-row random draw."""
+    with np.errstate(over="ignore"):
+        key = splitmix64(np.full(len(source_row), seed, dtype=np.uint64) ^ np.uint64(salt * 0x5851F42D4C957F2D))
+        key = splitmix64(key ^ source_row.astype(np.uint64))
+        return splitmix64(key ^ draw.astype(np.uint64))
+
+
+def sample_timesteps(seed: int, source_row: np.ndarray, draw: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """t ~ U{0..T-1} per row, the same for both images of a pair (one t per row)."""
+    keys = row_keys(seed, source_row, draw, salt=1)
+    return (keys % np.uint64(num_train_timesteps)).astype(np.int32)
+
+
+def noise_seed(seed: int, source_row: int, draw: int, image: int) -> int:
+    """Seed of the per-step inversion noise (`--eta`) of one image of one row."""
+    key = row_keys(seed, np.array([source_row]), np.array([draw]), salt=2 + image)[0]
+    return int(key & np.uint64(0x7FFFFFFFFFFFFFFF))
+
+
+@dataclass
+class FilterCounts:
+    """How the source rows were filtered."""
+
+    source_rows_scanned: int = 0
+    ties: int = 0
+    kept_pairs: int = 0
+    stopped_at_max_pairs: bool = False
+
+
+@dataclass
+class Plan:
+    """The store's rows before inversion, in store order, plus the prompt table."""
+
+    source_row: np.ndarray
+    draw: np.ndarray
+    prompt_index: np.ndarray
+    timestep: np.ndarray
+    prompts: list[str]
+    counts: FilterCounts = field(default_factory=FilterCounts)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.source_row)
+
+
+def build_plan(
+    scanned: Iterable[ScannedRow],
+    *,
+    seed: int,
+    timesteps_per_pair: int,
+    num_train_timesteps: int,
+    rows_per_window: int,
+    max_pairs: int | None = None,
+) -> Plan:
+    """Drop ties, index prompts, draw t, and permute rows with the seed.
+
+    Permutation: rows are cut, in source order, into windows of `rows_per_window`; rows are
+    shuffled inside each window and the full windows are shuffled among themselves (a partial
+    last window stays last). Any shard is then a random sample of a window of consecutive
+    source pairs, any window a random place in the data, and a writer still reads the source
+    sequentially, one window at a time.
+    """
+    counts = FilterCounts()
+    prompts: dict[str, int] = {"": 0}
+    kept_rows: list[int] = []
+    kept_prompts: list[int] = []
+    for row in scanned:
+        counts.source_rows_scanned += 1
+        if row.is_tie:
+            counts.ties += 1
+            continue
+        if max_pairs is not None and len(kept_rows) >= max_pairs:
+            counts.stopped_at_max_pairs = True
+            counts.source_rows_scanned -= 1
+            break
+        kept_rows.append(row.source_row)
+        kept_prompts.append(prompts.setdefault(row.caption, len(prompts)))
+    counts.kept_pairs = len(kept_rows)
+
+    pair_rows = np.asarray(kept_rows, dtype=np.int64)
+    pair_prompts = np.asarray(kept_prompts, dtype=np.int32)
+    source_row = np.repeat(pair_rows, timesteps_per_pair)
+    prompt_index = np.repeat(pair_prompts, timesteps_per_pair)
+    draw = np.tile(np.arange(timesteps_per_pair, dtype=np.int16), len(pair_rows))
+
+    order = window_permutation(len(source_row), rows_per_window, seed)
+    source_row, prompt_index, draw = source_row[order], prompt_index[order], draw[order]
+    timestep = sample_timesteps(seed, source_row, draw, num_train_timesteps)
+    return Plan(source_row, draw, prompt_index, timestep, list(prompts), counts)
+
+
+def window_permutation(num_rows: int, rows_per_window: int, seed: int) -> np.ndarray:
+    """Store position -> source-order position (see :func:`build_plan`)."""
+    num_full = num_rows // rows_per_window
+    window_order = np.random.default_rng([seed, 7]).permutation(num_full)
+    pieces = []
+    for window in list(window_order) + ([num_full] if num_rows % rows_per_window else []):
+        start = int(window) * rows_per_window
+        size = min(rows_per_window, num_rows - start)
+        inner = np.random.default_rng([seed, 11, int(window)]).permutation(size)
+        pieces.append(start + inner)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

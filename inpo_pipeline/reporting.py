@@ -1,0 +1,88 @@
+"""Console output: one Reporter per process, silent on every process but the main one."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+class _RateColumn(TextColumn):
+    """Items per second, with the item's unit."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task: Any) -> Any:
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"? {self.unit}/s", style="cyan")
+
+
+class Reporter:
+    """Progress bars, tables and lines on stderr; does nothing when disabled."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=True, highlight=False)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, markup=False)
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator[None]:
+        if not self.enabled or not self.console.is_terminal:
+            self.line(text)
+            yield
+            return
+        with self.console.status(text):
+            yield
+
+    @contextlib.contextmanager
+    def progress(self, name: str, total: int, unit: str = "it") -> Iterator[Callable[[int], None]]:
+        """A bar with rate and ETA; yields `advance(n)`."""
+        if not self.enabled or total == 0:
+            yield lambda _n: None
+            return
+        columns = [
+            TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.console, transient=False,
+                      disable=not self.console.is_terminal and "pytest" in sys.modules) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    def table(self, title: str, rows: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        items = rows.items() if isinstance(rows, Mapping) else rows
+        for key, value in items:
+            table.add_row(str(key), str(value))
+        self.console.print(table)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} TiB"

@@ -1,0 +1,308 @@
+"""`inpo invert`: read the preference data, invert it with the reference model, fill a store.
+
+Thin on purpose: plan (rank 0), encode prompts, invert windows of shards, report. All math is
+in `inpo_pipeline.inversion`, all layout in `cache_schema`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import inpo_pipeline
+from cache_schema import CacheStore, RowPlan, StoreError, StoreLayout, now_iso
+from inpo_pipeline import ddim
+from inpo_pipeline.data import DataError, describe_source, open_source
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.inversion import InversionConfig, WorkCounter, invert_shard, latent_shape
+from inpo_pipeline.models import ReferenceModel, load_reference
+from inpo_pipeline.plan import build_plan
+from inpo_pipeline.reporting import Reporter
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class InvertOptions:
+    """The options of `inpo invert` (see the CLI for their help)."""
+
+    model: str
+    data: str
+    out: str
+    split: str | None = None
+    resolution: int | None = None
+    max_pairs: int | None = None
+    inversion_steps: int = 10
+    inversion_guidance: float = 0.0
+    timestep_mode: str = "exact"
+    eta: float = 0.0
+    timesteps_per_pair: int = 1
+    batch_size: int = 8
+    dtype: str = "float16"
+    compute_dtype: str = "float32"
+    seed: int = 0
+    unet: str | None = None
+    vae: str | None = None
+    overwrite: bool = False
+    rows_per_shard: int = 64
+    shards_per_window: int = 16
+    prompts_per_chunk: int = 256
+    device: str | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.inversion_steps >= 1, "--inversion-steps must be at least 1"),
+            (self.timestep_mode in ddim.TIMESTEP_MODES, f"--timestep-mode must be one of {ddim.TIMESTEP_MODES}"),
+            (self.eta >= 0, "--eta must be >= 0"),
+            (self.timesteps_per_pair >= 1, "--timesteps-per-pair must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.dtype in ("float16", "float32", "bfloat16"), "--dtype must be float16, bfloat16 or float32"),
+            (self.compute_dtype in COMPUTE_DTYPES, f"--compute-dtype must be one of {list(COMPUTE_DTYPES)}"),
+            (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
+            (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
+            (self.rows_per_shard >= 1 and self.shards_per_window >= 1, "shard sizes must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def store_settings(options: InvertOptions, reference: ReferenceModel, resolution: int, data_identity: dict[str, Any]) -> dict[str, Any]:
+    """The settings a store is made with; a resume must match all of them."""
+    return {
+        "model": options.model,
+        "family": reference.family,
+        "unet": options.unet,
+        "vae": options.vae,
+        "unet_fingerprint": reference.unet_fingerprint,
+        "scheduler": reference.scheduler_config,
+        "resolution": resolution,
+        "storage_dtype": options.dtype,
+        "compute_dtype": options.compute_dtype,
+        "timestep_mode": options.timestep_mode,
+        "inversion_steps": options.inversion_steps,
+        "inversion_guidance": options.inversion_guidance,
+        "eta": options.eta,
+        "timesteps_per_pair": options.timesteps_per_pair,
+        "seed": options.seed,
+        "max_pairs": options.max_pairs,
+        "data": data_identity,
+        "rows_per_shard": options.rows_per_shard,
+        "shards_per_window": options.shards_per_window,
+        "prompts_per_chunk": options.prompts_per_chunk,
+    }
+
+
+def _settings_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    keys = sorted(set(existing) | set(wanted))
+    return [k for k in keys if _normalise(existing.get(k)) != _normalise(wanted.get(k))]
+
+
+def _normalise(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _distributed() -> Any:
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run (or resume) stage one; returns the store's summary."""
+    options.validate()
+    state = _distributed()
+    reporter = reporter or Reporter(enabled=state.is_main_process)
+    device = torch.device(options.device) if options.device else state.device
+    started = time.perf_counter()
+
+    source = open_source(options.data, options.split)
+    reporter.line(f"data: {describe_source(source)}")
+    reference = load_reference(options.model, unet_path=options.unet, vae_path=options.vae)
+    resolution = options.resolution or reference.native_resolution
+    reference.check_resolution(resolution)
+    reporter.line(
+        f"model: {options.model} ({reference.family}), UNet fingerprint {reference.unet_fingerprint[:16]}…, "
+        f"{resolution} px, device {device}, {state.num_processes} process(es)"
+    )
+    settings = store_settings(options, reference, resolution, source.identity())
+
+    if state.is_main_process:
+        _prepare_store(options, reference, resolution, settings, source, reporter)
+    state.wait_for_everyone()
+    store = CacheStore.open(options.out, mode="r+")
+    if _settings_difference(store.settings, settings):
+        raise UserError(f"{options.out} changed under this run (another `inpo invert` with other settings?)")
+
+    reference.to(device, COMPUTE_DTYPES[options.compute_dtype])
+    config = InversionConfig(
+        resolution=resolution, storage_dtype=options.dtype, mode=options.timestep_mode,
+        num_steps=options.inversion_steps, guidance=options.inversion_guidance, eta=options.eta,
+        seed=options.seed, batch_size=options.batch_size,
+    )
+    try:
+        _encode_prompts(store, reference, state, device, options.batch_size, reporter)
+        state.wait_for_everyone()
+        counter = _invert_windows(store, reference, source, config, state, device, reporter)
+    except OSError as error:
+        raise _disk_error(error, options.out) from error
+    state.wait_for_everyone()
+
+    summary = store.summary()
+    summary["this_run"] = {
+        "unet_calls": counter.unet_calls,
+        "padding_share": counter.padding_share,
+        "seconds_in_unet": counter.seconds_in_unet,
+        "wall_seconds": time.perf_counter() - started,
+        "processes": state.num_processes,
+    }
+    if state.is_main_process and summary["complete"]:
+        store.update_provenance(completed_at=now_iso())
+    return summary
+
+
+def _disk_error(error: OSError, out: str) -> UserError:
+    if error.errno == errno.ENOSPC:
+        return UserError(f"disk full while writing {out}; free space and run the same command again to resume")
+    return UserError(f"cannot write to {out}: {error.strerror or error}; fix that and run the same command again to resume")
+
+
+def _prepare_store(
+    options: InvertOptions, reference: ReferenceModel, resolution: int, settings: dict[str, Any],
+    source: Any, reporter: Reporter,
+) -> None:
+    """Rank 0: resume a matching store, refuse a different one, or plan and create a new one."""
+    out = options.out
+    if CacheStore.exists(out) or (os.path.isdir(out) and os.listdir(out)):
+        attrs = CacheStore.read_attributes(out)
+        if options.overwrite:
+            CacheStore.remove(out)
+            reporter.line(f"--overwrite: removed the existing store at {out}")
+        elif not attrs:
+            raise UserError(f"{out} exists and is not an inpo cache store; choose another --out")
+        else:
+            differences = _settings_difference(attrs.get("settings", {}), settings)
+            if differences:
+                raise UserError(
+                    f"{out} was made with other settings ({', '.join(differences)}); "
+                    "use the same settings to resume, another --out, or --overwrite"
+                )
+            if attrs.get("state") == "ready":
+                reporter.line(f"resuming the store at {out}")
+                return
+            CacheStore.remove(out)
+            reporter.line(f"{out}: its creation was interrupted; creating it again")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as error:
+        raise _disk_error(error, out) from error
+    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+        raise UserError(f"cannot write to {out}: permission denied; choose another --out")
+
+    layout_rows = options.rows_per_shard * options.shards_per_window
+    with reporter.status("scanning the data (captions and labels only)"):
+        plan = build_plan(
+            source.scan(), seed=options.seed, timesteps_per_pair=options.timesteps_per_pair,
+            num_train_timesteps=reference.num_train_timesteps, rows_per_window=layout_rows,
+            max_pairs=options.max_pairs,
+        )
+    if plan.num_rows == 0:
+        raise UserError(
+            f"no usable pairs in {options.data}: {plan.counts.source_rows_scanned} rows scanned, "
+            f"{plan.counts.ties} ties dropped"
+        )
+    assert reference.text is not None
+    layout = StoreLayout(
+        num_rows=plan.num_rows,
+        latent_shape=latent_shape(reference, resolution),
+        num_prompts=len(plan.prompts),
+        text_shape=reference.text.embedding_shape,
+        pooled_dim=reference.text.pooled_dim,
+        storage_dtype=options.dtype,
+        rows_per_shard=options.rows_per_shard,
+        shards_per_window=options.shards_per_window,
+        prompts_per_chunk=options.prompts_per_chunk,
+    )
+    provenance = {
+        "created_at": now_iso(),
+        "inpo_version": inpo_pipeline.__version__,
+        "torch_version": torch.__version__,
+        "filter": asdict(plan.counts),
+        "data_description": describe_source(source),
+        "options": asdict(options),
+    }
+    try:
+        CacheStore.create(
+            out, layout, settings, provenance,
+            RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw), plan.prompts,
+        )
+    except StoreError as error:
+        raise UserError(str(error)) from error
+    reporter.line(
+        f"planned {plan.num_rows} rows from {plan.counts.kept_pairs} pairs "
+        f"({plan.counts.ties} ties dropped, {len(plan.prompts) - 1} distinct prompts) in {layout.num_shards} shards"
+    )
+
+
+def _encode_prompts(
+    store: CacheStore, reference: ReferenceModel, state: Any, device: torch.device, batch_size: int, reporter: Reporter
+) -> None:
+    """Every prompt's text embedding, once, each chunk owned by one process."""
+    assert reference.text is not None
+    done = store.prompt_chunks_done()
+    mine = [c for c in range(store.layout.num_prompt_chunks) if c % state.num_processes == state.process_index and not done[c]]
+    if not mine:
+        return
+    with reporter.progress("prompts", len(mine), unit="chunks") as advance:
+        for chunk in mine:
+            texts = store.prompt_texts(store.layout.prompt_chunk(chunk))
+            embeddings, pooled = [], []
+            for start in range(0, len(texts), max(batch_size, 16)):
+                text, pool = reference.text.encode(texts[start : start + max(batch_size, 16)], device)
+                embeddings.append(text.cpu().numpy())
+                if pool is not None:
+                    pooled.append(pool.cpu().numpy())
+            store.write_prompt_chunk(chunk, np.concatenate(embeddings), np.concatenate(pooled) if pooled else None)
+            advance(1)
+
+
+def _invert_windows(
+    store: CacheStore, reference: ReferenceModel, source: Any, config: InversionConfig, state: Any,
+    device: torch.device, reporter: Reporter,
+) -> WorkCounter:
+    """Each process owns every P-th window; a window's source rows are read once, in order."""
+    layout = store.layout
+    done = store.shards_done()
+    windows = [
+        w for w in range(layout.num_windows)
+        if w % state.num_processes == state.process_index and not all(done[s] for s in layout.window_shards(w))
+    ]
+    todo_shards = [s for w in windows for s in layout.window_shards(w) if not done[s]]
+    counter = WorkCounter()
+    pairs_todo = sum(layout.shard_rows(s).stop - layout.shard_rows(s).start for s in todo_shards)
+    with reporter.progress("inverting", pairs_todo, unit="rows") as advance:
+        for window in windows:
+            shards = [s for s in layout.window_shards(window) if not done[s]]
+            plans = {s: store.read_plan(layout.shard_rows(s)) for s in shards}
+            needed = np.unique(np.concatenate([plan.source_row for plan in plans.values()]))
+            try:
+                records = {record.source_row: record for record in source.read(needed)}
+            except DataError as error:
+                raise UserError(str(error)) from error
+            for shard in shards:
+                result, work = invert_shard(
+                    reference, plans[shard], records, store.read_prompt_embeddings, config, device
+                )
+                store.write_shard(shard, result)
+                counter.add(work)
+                advance(len(plans[shard].source_row))
+            del records
+    return counter
