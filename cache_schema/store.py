@@ -189,8 +189,10 @@ def encode_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
     if storage_dtype == "bfloat16":
         bits = values.view(np.uint32)
         # round to nearest even, as torch does when casting to bfloat16
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (rounded >> 16).astype(np.uint16)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # a NaN must stay a NaN: rounding its payload could carry into the exponent
+        quiet_nan = (bits >> 16) | 0x0040
+        return np.where(np.isnan(values), quiet_nan, rounded).astype(np.uint16)
     return values.astype(storage_dtype)
 
 

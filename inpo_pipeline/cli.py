@@ -84,9 +84,9 @@ def invert(
         vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
         shards_per_window=shards_per_window, device=device,
     )
-    from accelerate import PartialState
+    from inpo_pipeline.distributed import process_state
 
-    reporter = Reporter(enabled=PartialState().is_main_process)
+    reporter = Reporter(enabled=process_state().is_main_process)
     summary = run_invert(options, reporter)
     run = summary["this_run"]
     reporter.table("inpo invert", [

@@ -258,6 +258,8 @@ class ManifestSource(PairSource):
             row = json.loads(line)
         except ValueError as error:
             raise DataError(f"{self.path}:{number} is not valid JSON ({error.args[0]})") from error
+        if not isinstance(row, dict):
+            raise DataError(f"{self.path}:{number} is not a JSON object with prompt, chosen, rejected")
         self._check_columns(list(row))
         return row
 

@@ -29,7 +29,7 @@ def splitmix64(values: np.ndarray) -> np.ndarray:
 def row_keys(seed: int, source_row: np.ndarray, draw: np.ndarray, salt: int = 0) -> np.ndarray:
     """A 64-bit key per (seed, source row, draw, salt): the root of every per-row random draw."""
     with np.errstate(over="ignore"):
-        key = splitmix64(np.full(len(source_row), seed, dtype=np.uint64) ^ np.uint64(salt * 0x5851F42D4C957F2D))
+        key = splitmix64(np.full(len(source_row), seed, dtype=np.uint64) ^ np.uint64((salt * 0x5851F42D4C957F2D) & 0xFFFFFFFFFFFFFFFF))
         key = splitmix64(key ^ source_row.astype(np.uint64))
         return splitmix64(key ^ draw.astype(np.uint64))
 

@@ -19,6 +19,7 @@ import inpo_pipeline
 from cache_schema import CacheStore, RowPlan, StoreError, StoreLayout, now_iso
 from inpo_pipeline import ddim
 from inpo_pipeline.data import DataError, describe_source, open_source
+from inpo_pipeline.distributed import process_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import InversionConfig, WorkCounter, invert_shard, latent_shape
 from inpo_pipeline.models import ReferenceModel, load_reference
@@ -65,6 +66,7 @@ class InvertOptions:
             (self.dtype in ("float16", "float32", "bfloat16"), "--dtype must be float16, bfloat16 or float32"),
             (self.compute_dtype in COMPUTE_DTYPES, f"--compute-dtype must be one of {list(COMPUTE_DTYPES)}"),
             (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
+            (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
             (self.rows_per_shard >= 1 and self.shards_per_window >= 1, "shard sizes must be at least 1"),
         ]
@@ -110,16 +112,10 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _distributed() -> Any:
-    from accelerate import PartialState
-
-    return PartialState()
-
-
 def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run (or resume) stage one; returns the store's summary."""
     options.validate()
-    state = _distributed()
+    state = process_state()
     reporter = reporter or Reporter(enabled=state.is_main_process)
     device = torch.device(options.device) if options.device else state.device
     started = time.perf_counter()

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny SD1.5/SDXL pipelines saved to disk once per session, and tiny data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
+
+# The suite runs on 2 cores; pinning threads keeps float results identical between a test's
+# own computation and the subprocesses it launches.
+torch.set_num_threads(int(os.environ.get("INPO_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def pickapic(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """24 Pick-a-Pic rows: 3 ties, 2 pairs with a broken image, repeated/unicode/empty captions."""
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pickapic.parquet", num_pairs=24, seed=0)
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for `python -m inpo_pipeline` subprocesses: one thread, no GPU."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONUNBUFFERED": "1"})
+    return env

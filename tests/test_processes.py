@@ -1,0 +1,93 @@
+"""Real processes: two accelerate ranks fill one store; SIGKILL at any point, then resume.
+
+Both must give a store bit-identical to one uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache_schema import CacheStore
+from tests.conftest import cli_env
+
+ARGS = ["--resolution", "32", "--rows-per-shard", "2", "--shards-per-window", "2", "--batch-size", "4",
+        "--timesteps-per-pair", "2"]
+
+
+def invert_command(model: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "inpo_pipeline", "invert", "--model", str(model), "--data", str(data),
+            "--out", str(out), *ARGS]
+
+
+def assert_same_store(expected: Path, actual: Path) -> None:
+    first, second = CacheStore.open(expected), CacheStore.open(actual)
+    assert first.is_complete() and second.is_complete()
+    rows = np.arange(first.layout.num_rows)
+    a, b = first.read_rows(rows), second.read_rows(rows)
+    for name, value in vars(a).items():
+        if value is not None:
+            assert np.array_equal(value, getattr(b, name)), name
+    prompts = np.arange(first.layout.num_prompts)
+    assert np.array_equal(first.read_prompt_embeddings(prompts)[0], second.read_prompt_embeddings(prompts)[0])
+    assert first.prompt_texts() == second.prompt_texts()
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, tiny_sd15, pickapic) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "one-process.zarr"
+    subprocess.run(invert_command(tiny_sd15, pickapic["path"], out), env=cli_env(), check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
+def test_two_accelerate_processes_equal_one(reference_store, tiny_sd15, pickapic, tmp_path):
+    out = tmp_path / "two-processes.zarr"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "inpo_pipeline",
+              *invert_command(tiny_sd15, pickapic["path"], out)[3:]]
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert_same_store(reference_store, out)
+
+
+def _done_shards(out: Path) -> int:
+    folder = out / "done" / "shards" / "c"
+    return len(list(folder.iterdir())) if folder.exists() else 0
+
+
+@pytest.mark.parametrize("moment", ["startup", "created", "mid-shards"])
+def test_sigkill_then_resume_is_bit_identical(moment, reference_store, tiny_sd15, pickapic, tmp_path):
+    out = tmp_path / "killed.zarr"
+    process = subprocess.Popen(invert_command(tiny_sd15, pickapic["path"], out), env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    ready = {
+        "startup": lambda: True,
+        "created": lambda: (out / "zarr.json").exists(),
+        "mid-shards": lambda: _done_shards(out) >= 3,
+    }[moment]
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if moment == "startup":
+        time.sleep(1.5)
+    assert process.poll() is None, "the run finished before it could be killed; use more rows"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if moment == "mid-shards":
+        total = CacheStore.open(out).layout.num_shards
+        assert 3 <= _done_shards(out) < total
+    resumed = subprocess.run(invert_command(tiny_sd15, pickapic["path"], out), env=cli_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_store(reference_store, out)
