@@ -1,0 +1,29 @@
+# inpo task runner. `just --list` shows the recipes.
+
+python := env_var_or_default("PYTHON", "python3")
+venv := ".venv"
+bin := venv / "bin"
+
+# Create .venv and install inpo with its test tools (torch's CPU build first).
+install:
+    test -x {{bin}}/python || {{python}} -m venv {{venv}}
+    {{bin}}/python -m pip install --quiet --upgrade pip
+    {{bin}}/python -m pip install --quiet "torch==2.13.0"
+    {{bin}}/python -m pip install --quiet -e ".[test]"
+
+# The built-in example end to end: tiny model + generated Pick-a-Pic data -> invert -> cache info.
+example out="example-output": install
+    {{bin}}/inpo example --out {{out}}
+    {{bin}}/inpo cache info {{out}}/store-sd15.zarr
+
+# The test suite (what CI runs).
+test *args: install
+    {{bin}}/python -m pytest {{args}}
+
+# Tests marked slow (long end-to-end runs), kept out of the default suite.
+test-slow *args: install
+    {{bin}}/python -m pytest -m slow {{args}}
+
+# Stage-one benchmark on a small UNet config (writes a JSON report to stdout).
+bench-invert *args: install
+    {{bin}}/python benchmarks/bench_invert.py {{args}}
