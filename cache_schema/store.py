@@ -259,17 +259,22 @@ class CacheStore:
     ) -> CacheStore:
         """Create every array at its final size and write the row plan; one process only.
 
-        The group is marked ``state: creating`` until the plan is on disk, so a creation that
-        was killed half way is recognised and redone rather than trusted.
+        The store is built in a hidden sibling folder and renamed into place when complete, so
+        a creation killed at any moment leaves either no store or a whole one (a leftover
+        sibling is removed by the next creation).
         """
         path = Path(path)
         if len(plan.timestep) != layout.num_rows or len(prompts) != layout.num_prompts:
             raise StoreError("row plan or prompt list does not match the layout")
         if prompts[0] != "":
             raise StoreError("prompt 0 must be the empty prompt")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path} exists; remove it first (only an inpo store may be removed)")
+        building = path.with_name(f".{path.name}.creating")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(str(path), mode="w")
+            shutil.rmtree(building, ignore_errors=True)
+            group = zarr.open_group(str(building), mode="w")
             group.attrs.update(
                 {
                     "schema": SCHEMA_NAME,
@@ -280,7 +285,7 @@ class CacheStore:
                     "provenance": provenance,
                 }
             )
-            store = cls(path, group, layout)
+            store = cls(building, group, layout)
             store._create_arrays(compress)
             rows = group["rows"]
             rows["timestep"][:] = plan.timestep.astype(np.int32)
@@ -289,9 +294,11 @@ class CacheStore:
             rows["draw"][:] = plan.draw.astype(np.int16)
             group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
             group.attrs["state"] = "ready"
+            os.replace(building, path)
         except OSError as error:
+            shutil.rmtree(building, ignore_errors=True)
             raise StoreError(f"cannot create the store at {path}: {error.strerror or error}") from error
-        return store
+        return cls(path, zarr.open_group(str(path), mode="r+"), layout)
 
     def _create_arrays(self, compress: bool) -> None:
         layout = self.layout
@@ -589,17 +596,30 @@ class CacheStore:
         }
 
     def check_integrity(self, progress: Any = None) -> list[str]:
-        """Read every chunk (crc32c checked on decode); report problems as one-line strings.
+        """Read every chunk of every array (crc32c checked on decode); one line per problem.
 
         Checks completeness, array shapes against the layout, NaN/Inf in finished rows, and
-        that no finished, valid row has a negative step count.
+        that no finished, valid row has a negative step count. A chunk that fails its checksum
+        is reported, never raised.
         """
         problems: list[str] = []
         layout = self.layout
-        done = self.shards_done()
+
+        def read(label: str, array: Any, selection: Any = slice(None)) -> np.ndarray | None:
+            try:
+                return np.asarray(array[selection])
+            except Exception as error:  # a checksum mismatch surfaces as a codec error
+                problems.append(f"{label} unreadable ({type(error).__name__}: {error})")
+                return None
+
+        done_group = self.group["done"]
+        flags = read("done/shards", done_group["shards"])
+        done = flags.astype(bool) if flags is not None else np.zeros(layout.num_shards, dtype=bool)
+        chunk_flags = read("done/prompt_chunks", done_group["prompt_chunks"])
+        chunks_done = chunk_flags.astype(bool) if chunk_flags is not None else np.zeros(layout.num_prompt_chunks, dtype=bool)
+        read("done/shard_stats", done_group["shard_stats"])
         if not done.all():
             problems.append(f"incomplete: {int((~done).sum())} of {layout.num_shards} shards not done")
-        chunks_done = self.prompt_chunks_done()
         if not chunks_done.all():
             problems.append(
                 f"incomplete: {int((~chunks_done).sum())} of {layout.num_prompt_chunks} prompt chunks not done"
@@ -611,44 +631,43 @@ class CacheStore:
         expected_shapes.update({name: (layout.num_rows, 2) for name in ERROR_ARRAYS})
         if layout.pooled_dim is not None:
             expected_shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
-        for name, shape in expected_shapes.items():
-            if name not in rows:
-                problems.append(f"missing array rows/{name}")
-            elif tuple(rows[name].shape) != shape:
-                problems.append(f"rows/{name} has shape {tuple(rows[name].shape)}, expected {shape}")
-        if problems and any(p.startswith("missing") or "shape" in p for p in problems):
-            return problems
-        valid = np.asarray(rows["valid"][:]).astype(bool)
+        expected_shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
+        shape_problems = [
+            f"missing array rows/{name}" if name not in rows
+            else f"rows/{name} has shape {tuple(rows[name].shape)}, expected {shape}"
+            for name, shape in expected_shapes.items()
+            if name not in rows or tuple(rows[name].shape) != shape
+        ]
+        if shape_problems:
+            return problems + shape_problems
         for shard in range(layout.num_shards):
             span = layout.shard_rows(shard)
-            for name in list(expected_shapes) + ["inversion_steps"]:
-                try:
-                    values = np.asarray(rows[name][span])
-                except Exception as error:  # a checksum mismatch surfaces as a codec error
-                    problems.append(f"shard {shard}: rows/{name} unreadable ({type(error).__name__}: {error})")
+            valid = read(f"shard {shard}: rows/valid", rows["valid"], span)
+            for name in expected_shapes:
+                if name == "valid":
                     continue
-                if not done[shard]:
+                values = read(f"shard {shard}: rows/{name}", rows[name], span)
+                if values is None or not done[shard]:
                     continue
                 if name in LATENT_ARRAYS:
                     values = decode_storage(values, layout.storage_dtype)
                 if values.dtype.kind == "f" and not np.isfinite(values).all():
                     problems.append(f"shard {shard}: rows/{name} holds NaN or Inf")
-                if name == "inversion_steps" and (values[valid[span]] < 0).any():
+                if name == "inversion_steps" and valid is not None and (values[valid.astype(bool)] < 0).any():
                     problems.append(f"shard {shard}: negative inversion step count")
             if progress is not None:
                 progress(shard)
         prompts = self.group["prompts"]
+        read("prompts/text", prompts["text"])
         for chunk in range(layout.num_prompt_chunks):
             span = layout.prompt_chunk(chunk)
             for name in ("embedding", "pooled_embedding"):
                 if name not in prompts:
                     continue
-                try:
-                    values = decode_storage(np.asarray(prompts[name][span]), layout.storage_dtype)
-                except Exception as error:
-                    problems.append(f"prompt chunk {chunk}: prompts/{name} unreadable ({type(error).__name__}: {error})")
+                values = read(f"prompt chunk {chunk}: prompts/{name}", prompts[name], span)
+                if values is None:
                     continue
-                if chunks_done[chunk] and not np.isfinite(values).all():
+                if chunks_done[chunk] and not np.isfinite(decode_storage(values, layout.storage_dtype)).all():
                     problems.append(f"prompt chunk {chunk}: prompts/{name} holds NaN or Inf")
         return problems
 

@@ -104,6 +104,56 @@ def invert(
         raise typer.Exit(1)
 
 
+@app.command()
+@_user_errors
+def train(
+    cache: Annotated[str, typer.Option(help="The store written by `inpo invert`.")],
+    out: Annotated[str, typer.Option(help="Run folder: weights, checkpoints, metrics.jsonl, run.json.")],
+    beta: Annotated[float | None, typer.Option(help="β (default: 2000 for SD1.5-type, 5000 for SDXL).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: 1e-8 × effective batch, the authors' rule).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 16,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps of the constant schedule.")] = 200,
+    prompt_dropout: Annotated[float, typer.Option(help="Share of rows trained on the empty prompt.")] = 0.2,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or adafactor (default: adamw for SD1.5, adafactor for SDXL).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-2,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory in the UNet.")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (newest).")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, prompt dropout and LoRA init.")] = 0,
+    export_pipeline: Annotated[bool, typer.Option(help="Also write a full pipeline folder with the trained UNet.")] = False,
+    num_workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 2,
+) -> None:
+    """Train the policy UNet from a cache store alone (DDIM-InPO loss)."""
+    from inpo_pipeline.distributed import process_state
+    from stages.train import TrainOptions, run_train
+
+    options = TrainOptions(
+        cache=cache, out=out, beta=beta, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+        warmup=warmup, prompt_dropout=prompt_dropout, optimizer=optimizer, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume, seed=seed,
+        export_pipeline=export_pipeline, num_workers=num_workers,
+    )
+    reporter = Reporter(enabled=process_state().is_main_process)
+    result = run_train(options, reporter)
+    final = result["final"]
+    reporter.table("inpo train", [
+        ("run", result["run_dir"]),
+        ("weights", result.get("weights", "")),
+        ("pipeline", result.get("pipeline", "—")),
+        ("effective batch", result["effective_batch"]),
+        ("final loss", f"{final.get('loss', float('nan')):.5f} (log 2 = 0.69315)"),
+        ("implicit accuracy", f"{final.get('implicit_accuracy', float('nan')):.3f}"),
+    ])
+
+
 @cache_app.command("info")
 @_user_errors
 def cache_info(

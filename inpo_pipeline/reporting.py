@@ -42,7 +42,7 @@ class Reporter:
 
     def line(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def status(self, text: str) -> Iterator[None]:
@@ -67,6 +67,34 @@ class Reporter:
                       disable=not self.console.is_terminal and "pytest" in sys.modules) as progress:
             task = progress.add_task(name, total=total)
             yield lambda n: progress.advance(task, n)
+
+    @contextlib.contextmanager
+    def training_progress(self, total: int, start: int) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+        """A bar over optimizer steps showing loss, implicit accuracy, lr and pairs/s."""
+        if not self.enabled:
+            yield lambda _metrics: None
+            return
+        columns = [
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[accuracy]}  lr {task.fields[lr]}  "
+                       "{task.fields[speed]} pairs/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.console,
+                      disable=not self.console.is_terminal and "pytest" in sys.modules) as progress:
+            task = progress.add_task("training", total=total, completed=start,
+                                     loss="?", accuracy="?", lr="?", speed="?")
+
+            def update(metrics: Mapping[str, Any]) -> None:
+                speed = metrics.get("pairs_per_second")
+                progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}",
+                                accuracy=f"{metrics['implicit_accuracy']:.2f}", lr=f"{metrics['lr']:.2e}",
+                                speed=f"{speed:.1f}" if speed else "?")
+                if not self.console.is_terminal:
+                    self.line(f"step {metrics['step']}/{total}: loss {metrics['loss']:.5f}, "
+                              f"implicit accuracy {metrics['implicit_accuracy']:.3f}, lr {metrics['lr']:.3g}")
+
+            yield update
 
     def table(self, title: str, rows: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> None:
         if not self.enabled:

@@ -585,11 +585,6 @@ def test_flipped_byte_is_detected(tmp_path: Path, where: str) -> None:
     assert "checksum" in problems[0].lower()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (cache_schema/store.py, CacheStore.check_integrity): the plan arrays, prompts/text and "
-    "done/shard_stats are never read, so their corruption is reported as a sound store ([]) although "
-    "read_rows of that shard raises; rows/valid and done/* are read outside the try, so their "
-    "corruption raises ValueError (a traceback from `inpo cache verify`) instead of a problem line"))
 @pytest.mark.parametrize("relative", ["rows/timestep/c/1", "prompts/text/c/0", "rows/valid/c/1", "done/shards/c/1"])
 def test_flipped_byte_in_other_arrays_is_reported(tmp_path: Path, relative: str) -> None:
     path = tmp_path / "store"

@@ -66,7 +66,7 @@ def _done_shards(out: Path) -> int:
     return len(list(folder.iterdir())) if folder.exists() else 0
 
 
-@pytest.mark.parametrize("moment", ["startup", "created", "mid-shards"])
+@pytest.mark.parametrize("moment", ["startup", "creating", "created", "mid-shards"])
 def test_sigkill_then_resume_is_bit_identical(moment, reference_store, tiny_sd15, pickapic, tmp_path):
     out = tmp_path / "killed.zarr"
     process = subprocess.Popen(invert_command(tiny_sd15, pickapic["path"], out), env=cli_env(),
@@ -74,6 +74,7 @@ def test_sigkill_then_resume_is_bit_identical(moment, reference_store, tiny_sd15
     deadline = time.monotonic() + 300
     ready = {
         "startup": lambda: True,
+        "creating": lambda: (out.parent / f".{out.name}.creating" / "rows").exists(),
         "created": lambda: (out / "zarr.json").exists(),
         "mid-shards": lambda: _done_shards(out) >= 3,
     }[moment]

@@ -1,0 +1,132 @@
+"""The policy UNet of stage two: loaded from the store's reference, trained, saved, exported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.models import SDXL, fingerprint_module, load_unet
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+UNET_FOLDER = "unet"
+LORA_FOLDER = "lora"
+PIPELINE_FOLDER = "pipeline"
+
+
+def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
+    """The reference UNet named by the store, checked against its fingerprint, made trainable.
+
+    With `lora_rank` > 0 only LoRA adapters on the attention projections train; their B matrices
+    start at zero, so the policy starts exactly equal to the reference either way.
+    """
+    unet = load_unet(settings["model"], settings.get("unet"))
+    fingerprint = fingerprint_module(unet)
+    if fingerprint != settings["unet_fingerprint"]:
+        where = settings.get("unet") or settings["model"]
+        raise UserError(
+            f"the UNet at {where} has other weights than the store's reference "
+            f"(fingerprint {fingerprint[:12]}… vs {settings['unet_fingerprint'][:12]}…); "
+            "train from the weights the store was inverted with, or re-invert"
+        )
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    else:
+        unet.requires_grad_(True)
+    return unet.train()
+
+
+def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def _pipeline_class(family: str) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def save_policy(unet: torch.nn.Module, run_dir: Path, family: str, lora_rank: int) -> Path:
+    """Full UNet in diffusers format, or LoRA weights that `load_lora_weights` reads."""
+    if lora_rank > 0:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        target = run_dir / LORA_FOLDER
+        _pipeline_class(family).save_lora_weights(save_directory=str(target), unet_lora_layers=layers,
+                                                  safe_serialization=True)
+        return target
+    target = run_dir / UNET_FOLDER
+    unet.save_pretrained(str(target), safe_serialization=True)
+    return target
+
+
+def export_pipeline(
+    model: str, run_dir: Path, family: str, lora_rank: int, unet: str | None = None, vae: str | None = None
+) -> Path:
+    """A complete pipeline folder with the trained UNet (LoRA fused in) that from_pretrained loads.
+
+    `unet`/`vae` are the store's overrides: a LoRA is fused into the reference UNet it was
+    trained on (say an SFT UNet), not into the pipeline's own.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    pipeline_class = _pipeline_class(family)
+    parts: dict[str, Any] = {}
+    if lora_rank == 0:
+        parts["unet"] = UNet2DConditionModel.from_pretrained(str(run_dir / UNET_FOLDER))
+    elif unet:
+        parts["unet"] = load_unet(model, unet)
+    if vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(vae) if (Path(vae) / "config.json").exists() \
+            else AutoencoderKL.from_pretrained(vae, subfolder="vae")
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family != SDXL else {}
+    pipeline = pipeline_class.from_pretrained(model, **parts, **extra)
+    if lora_rank > 0:
+        pipeline.load_lora_weights(str(run_dir / LORA_FOLDER))
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+    target = run_dir / PIPELINE_FOLDER
+    pipeline.save_pretrained(str(target), safe_serialization=True)
+    return target
+
+
+@torch.no_grad()
+def preference_metrics(
+    policy: torch.nn.Module, store: Any, rows: Any, beta: float, *, empty_prompt: bool = False,
+    batch_size: int = 16, device: torch.device | None = None,
+) -> dict[str, float]:
+    """Mean InPO loss, implicit accuracy and margin of `policy` over store rows (no training).
+
+    With the reference as policy this is the step-0 check of DESIGN §2: loss log 2, margin 0.
+    """
+    import numpy as np
+
+    from inpo_pipeline import ddim
+    from inpo_pipeline.batches import read_micro_batch
+    from inpo_pipeline.loss import inpo_loss
+    from inpo_pipeline.models import unet_noise
+
+    device = device or next(policy.parameters()).device
+    losses, arguments = [], []
+    rows = np.asarray(rows)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt))
+        noise = unet_noise(policy, batch["latents"], batch["timesteps"], batch["text"], batch.get("pooled"),
+                           batch.get("time_ids"))
+        chosen, rejected = ddim.per_sample_mse(noise, batch["targets"].to(device)).chunk(2)
+        result = inpo_loss(chosen, rejected, batch["reference_error_chosen"].to(device),
+                           batch["reference_error_rejected"].to(device), beta)
+        losses.append(result.loss.double().cpu())
+        arguments.append(result.argument.double().cpu())
+    loss, argument = torch.cat(losses), torch.cat(arguments)
+    return {"loss": loss.mean().item(), "implicit_accuracy": (argument > 0).double().mean().item(),
+            "margin": argument.mean().item(), "max_abs_margin": argument.abs().max().item()}

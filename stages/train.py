@@ -1,0 +1,373 @@
+"""`inpo train`: learn the policy UNet from a cache store alone.
+
+Read (micro-batches from the store), compute (policy forward/backward, the InPO loss), write
+(checkpoints, metrics, the trained weights), report. No VAE, reference UNet or text encoder is
+loaded: the store holds x_t, τ_t, e_ref and the prompt embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import inpo_pipeline
+from cache_schema import CacheStore, now_iso
+from inpo_pipeline import ddim
+from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.loss import inpo_loss
+from inpo_pipeline.models import DEFAULT_BETA, SDXL, unet_noise
+from inpo_pipeline.policy import export_pipeline, load_policy, save_policy, trainable_parameters
+from inpo_pipeline.reporting import Reporter
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LR_PER_SAMPLE = 1e-8  # the authors' rule: lr = 1e-8 × effective batch (1.024e-5 at 1024)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class TrainOptions:
+    """The options of `inpo train` (see the CLI for their help). None = the family's default."""
+
+    cache: str
+    out: str
+    beta: float | None = None
+    lr: float | None = None
+    steps: int = 400
+    batch_size: int = 8
+    grad_accum: int = 16
+    warmup: int = 200
+    prompt_dropout: float = 0.2
+    optimizer: str | None = None
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    export_pipeline: bool = False
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        checks = [
+            (self.beta is None or self.beta > 0, "--beta must be > 0"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.warmup >= 0, "--warmup must be >= 0"),
+            (0 <= self.prompt_dropout <= 1, "--prompt-dropout must be between 0 and 1"),
+            (self.optimizer in (None, "adamw", "adafactor"), "--optimizer must be adamw or adafactor"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+            (self.lora_rank >= 0, "--lora-rank must be >= 0"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.num_workers >= 0, "--num-workers must be >= 0"),
+            (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def resolved(self, family: str, effective_batch: int) -> TrainOptions:
+        """The options with the family's defaults filled in (the authors' recipe)."""
+        values = asdict(self)
+        values["beta"] = self.beta if self.beta is not None else DEFAULT_BETA[family]
+        values["lr"] = self.lr if self.lr is not None else LR_PER_SAMPLE * effective_batch
+        values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
+        return TrainOptions(**values)
+
+
+# ------------------------------------------------------------------------------ the step
+def policy_errors(policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """e_θ = mean‖ε_θ(x_t, t, c) − τ‖² for the chosen and the rejected images (DESIGN §1.4)."""
+    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
+                       batch.get("pooled"), batch.get("time_ids"))
+    errors = ddim.per_sample_mse(noise, batch["targets"].to(device))
+    return errors.chunk(2)
+
+
+def _optimizer(options: TrainOptions, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if options.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=options.lr, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=options.weight_decay)
+    return torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay)
+
+
+def _constant_with_warmup(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr × min(1, (step+1)/warmup): the first update already moves (unlike a 0 at step 0)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
+# ------------------------------------------------------------------------------ run folder
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / CHECKPOINTS
+    if not folder.exists():
+        return None
+    complete = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _comparable(options: TrainOptions) -> dict[str, Any]:
+    """Options that must match for a resume (not: resume, export, workers, checkpoint cadence)."""
+    values = asdict(options)
+    for name in ("resume", "export_pipeline", "num_workers", "checkpoint_every", "keep_checkpoints", "steps"):
+        values.pop(name)
+    return values
+
+
+def _prepare_run_dir(options: TrainOptions, is_main: bool) -> Path | None:
+    run_dir = Path(options.out)
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if occupied and not options.resume:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if options.resume and occupied:
+        previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else None
+        if previous is not None:
+            differences = [k for k, v in _comparable(options).items() if previous["options"].get(k) != v]
+            if differences:
+                raise UserError(f"--resume with other settings than the run in {run_dir} ({', '.join(differences)})")
+        return _newest_checkpoint(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+# ------------------------------------------------------------------------------ the run
+def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train (or resume) a policy from a store; returns the run's summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    options.validate()
+    store = CacheStore.open(options.cache)
+    if not store.is_complete():
+        summary = store.summary()
+        raise UserError(
+            f"{options.cache} is incomplete ({summary['shards_done']} of {summary['shards']} shards); "
+            "finish it by running its `inpo invert` command again"
+        )
+    settings = store.settings
+    family = settings["family"]
+
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision, gradient_accumulation_steps=options.grad_accum,
+        cpu=not torch.cuda.is_available(), log_with=_trackers(), project_dir=options.out,
+    )
+    reporter = reporter or Reporter(enabled=accelerator.is_main_process)
+    effective_batch = options.batch_size * accelerator.num_processes * options.grad_accum
+    options = options.resolved(family, effective_batch)
+    rows = store.valid_rows()
+    schedule = BatchSchedule(rows, options.batch_size, accelerator.num_processes, accelerator.process_index,
+                             options.seed, options.prompt_dropout)
+    if schedule.micro_batches_per_epoch == 0:
+        raise UserError(f"{options.cache} has {len(rows)} usable rows, fewer than one global batch "
+                        f"({options.batch_size} × {accelerator.num_processes} processes); lower --batch-size")
+
+    checkpoint = _prepare_run_dir(options, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    run_dir = Path(options.out)
+    reporter.line(
+        f"store {options.cache}: {len(rows)} rows, {family}; effective batch {effective_batch} = "
+        f"{options.batch_size} per device × {accelerator.num_processes} process(es) × {options.grad_accum} accumulation"
+    )
+    reporter.line(
+        f"β {options.beta:g}, lr {options.lr:.3g} ({options.optimizer}, warm-up {options.warmup}), "
+        f"prompt dropout {options.prompt_dropout}, {options.steps} steps, "
+        + (f"LoRA rank {options.lora_rank}" if options.lora_rank else "full fine-tuning")
+        + f", mixed precision {options.mixed_precision}"
+    )
+
+    set_seed(options.seed)
+    policy = load_policy(settings, options.lora_rank)
+    if options.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    optimizer = _optimizer(options, trainable_parameters(policy))
+    scheduler = _constant_with_warmup(optimizer, options.warmup)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        start_step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        reporter.line(f"resuming from {checkpoint} (step {start_step})")
+    if accelerator.is_main_process:
+        _write_run_file(run_dir, options, effective_batch, store, status="running")
+        if start_step == 0:
+            (run_dir / METRICS_FILE).write_text("")
+        else:
+            _truncate_metrics(run_dir / METRICS_FILE, start_step)
+    if accelerator.log_with:
+        accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None})
+
+    remaining = options.steps - start_step
+    dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum)
+    loader = micro_batch_loader(dataset, options.num_workers if remaining > 0 else 0)
+    metrics = _train_loop(accelerator, policy, optimizer, scheduler, loader, options, start_step, run_dir,
+                          schedule, reporter)
+
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"run_dir": str(run_dir), "effective_batch": effective_batch,
+                              "final": metrics, "options": asdict(options)}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(policy)
+        result["weights"] = str(save_policy(unwrapped, run_dir, family, options.lora_rank))
+        if options.export_pipeline:
+            result["pipeline"] = str(export_pipeline(settings["model"], run_dir, family, options.lora_rank,
+                                                     settings.get("unet"), settings.get("vae")))
+        _write_run_file(run_dir, options, effective_batch, store, status="finished", final=metrics)
+    accelerator.end_training()
+    return result
+
+
+def _trackers() -> list[str] | None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return None
+    return ["tensorboard"]
+
+
+def _write_run_file(run_dir: Path, options: TrainOptions, effective_batch: int, store: CacheStore,
+                    status: str, final: dict[str, Any] | None = None) -> None:
+    record = {
+        "status": status, "updated_at": now_iso(), "inpo_version": inpo_pipeline.__version__,
+        "options": asdict(options), "effective_batch": effective_batch,
+        "store": {"path": str(Path(options.cache).resolve()), "settings": store.settings,
+                  "provenance": store.provenance},
+        "final_metrics": final,
+    }
+    temporary = run_dir / f".{RUN_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(temporary, run_dir / RUN_FILE)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps ≤ `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metrics: dict[str, Any]) -> None:
+    """accelerate state into a temporary folder, renamed into place once complete; keep the last K."""
+    folder = run_dir / CHECKPOINTS
+    temporary = folder / f".tmp-step-{step:07d}"
+    final = folder / f"step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        complete = sorted((p for p in folder.iterdir() if p.name.startswith("step-")), key=lambda p: p.name)
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, scheduler: Any, loader: Any,
+                options: TrainOptions, start_step: int, run_dir: Path, schedule: BatchSchedule,
+                reporter: Reporter) -> dict[str, Any]:
+    device = accelerator.device
+    step = start_step
+    sums = _StepSums()
+    metrics: dict[str, Any] = {}
+    step_started = time.perf_counter()
+    with reporter.training_progress(options.steps, start_step) as update:
+        for batch in loader:
+            with accelerator.accumulate(policy):
+                with accelerator.autocast():
+                    chosen, rejected = policy_errors(policy, batch, device)
+                result = inpo_loss(chosen, rejected, batch["reference_error_chosen"].to(device),
+                                   batch["reference_error_rejected"].to(device), options.beta)
+                loss = result.loss.mean()
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
+                if finite.item() < 1:
+                    raise TrainingDiverged(
+                        f"the loss became non-finite at step {step + 1}; the last good checkpoint in "
+                        f"{run_dir / CHECKPOINTS} is kept — lower --lr or --beta, or use --mixed-precision bf16"
+                    )
+                accelerator.backward(loss)
+                sums.add(result, len(batch["rows"]))
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(policy), options.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - step_started
+            step_started = time.perf_counter()
+            metrics = sums.gather(accelerator)
+            metrics.update(step=step, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                           pairs_per_second=metrics["pairs"] / elapsed if elapsed > 0 else None,
+                           epoch=(step * options.grad_accum - 1) // schedule.micro_batches_per_epoch)
+            sums = _StepSums()
+            if accelerator.is_main_process:
+                with (run_dir / METRICS_FILE).open("a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+            if accelerator.log_with:
+                accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            update(metrics)
+            if step % options.checkpoint_every == 0 or step == options.steps:
+                _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics)
+    return metrics
+
+
+class _StepSums:
+    """Loss, accuracy and margin summed over one optimizer step's micro-batches."""
+
+    def __init__(self) -> None:
+        self.values = torch.zeros(6, dtype=torch.float64)
+
+    def add(self, result: Any, pairs: int) -> None:
+        self.values += torch.tensor([
+            result.loss.detach().double().sum().item(),
+            (result.argument.detach() > 0).double().sum().item(),
+            result.argument.detach().double().sum().item(),
+            result.policy_error_chosen.detach().double().sum().item(),
+            result.policy_error_rejected.detach().double().sum().item(),
+            pairs,
+        ], dtype=torch.float64)
+
+    def gather(self, accelerator: Any) -> dict[str, Any]:
+        total = accelerator.reduce(self.values.to(accelerator.device), "sum").cpu()
+        pairs = max(total[5].item(), 1.0)
+        return {
+            "loss": total[0].item() / pairs,
+            "implicit_accuracy": total[1].item() / pairs,
+            "margin": total[2].item() / pairs,
+            "policy_error_chosen": total[3].item() / pairs,
+            "policy_error_rejected": total[4].item() / pairs,
+            "pairs": int(total[5].item()),
+        }

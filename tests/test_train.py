@@ -1,0 +1,259 @@
+"""`inpo train` through the real CLI on tiny stores: step-0 agreement, learning, LoRA, export,
+checkpoints, resume after SIGKILL, DDP, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cache_schema import CacheStore
+from inpo_pipeline.batches import BatchSchedule
+from inpo_pipeline.cli import app
+from inpo_pipeline.example import build_tiny_sd15
+from inpo_pipeline.models import load_unet
+from inpo_pipeline.policy import preference_metrics
+from tests.conftest import cli_env
+
+runner = CliRunner()
+INVERT = ["--resolution", "32", "--rows-per-shard", "8", "--shards-per-window", "2", "--batch-size", "16",
+          "--timesteps-per-pair", "2"]
+FAST = ["--batch-size", "4", "--grad-accum", "2", "--warmup", "0", "--num-workers", "0"]
+
+
+def make_store(model: Path, data: Path, out: Path) -> Path:
+    result = runner.invoke(app, ["invert", "--model", str(model), "--data", str(data), "--out", str(out), *INVERT])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd15_store(tmp_path_factory, tiny_sd15, pickapic) -> Path:
+    return make_store(tiny_sd15, pickapic["path"], tmp_path_factory.mktemp("train") / "sd15.zarr")
+
+
+@pytest.fixture(scope="module")
+def sdxl_store(tmp_path_factory, tiny_sdxl, pickapic) -> Path:
+    return make_store(tiny_sdxl, pickapic["path"], tmp_path_factory.mktemp("train") / "sdxl.zarr")
+
+
+def train(store: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["train", "--cache", str(store), "--out", str(out), *FAST, *extra])
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("empty_prompt", [False, True])
+def test_step_zero_policy_equals_reference(family, empty_prompt, sd15_store, sdxl_store):
+    """DESIGN §2: with policy = reference the loss is log 2 and the margin 0, on every row."""
+    store = CacheStore.open(sd15_store if family == "sd15" else sdxl_store)
+    settings = store.settings
+    reference = load_unet(settings["model"])
+    result = preference_metrics(reference, store, store.valid_rows(), beta=5000.0, empty_prompt=empty_prompt)
+    assert result["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert result["max_abs_margin"] < 1e-2
+
+
+def test_training_lowers_the_loss_and_raises_accuracy(sd15_store, tmp_path):
+    run = tmp_path / "run"
+    result = train(sd15_store, run, "--steps", "20", "--lr", "2e-5", "--prompt-dropout", "0.2")
+    assert result.exit_code == 0, result.output
+    lines = metrics(run)
+    assert [line["step"] for line in lines] == list(range(1, 21))
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    store = CacheStore.open(sd15_store)
+    from diffusers import UNet2DConditionModel
+
+    trained = UNet2DConditionModel.from_pretrained(run / "unet")
+    before = preference_metrics(load_unet(store.settings["model"]), store, store.valid_rows(), beta=2000.0)
+    after = preference_metrics(trained, store, store.valid_rows(), beta=2000.0)
+    print(f"store loss {before['loss']:.4f} -> {after['loss']:.4f}, "
+          f"accuracy {before['implicit_accuracy']:.2f} -> {after['implicit_accuracy']:.2f}")
+    assert after["loss"] < 0.6 and after["implicit_accuracy"] > 0.8
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["effective_batch"] == 8
+    assert record["options"]["beta"] == 2000.0 and record["options"]["optimizer"] == "adamw"
+    assert record["store"]["settings"]["unet_fingerprint"] == store.settings["unet_fingerprint"]
+    assert "effective batch 8 = 4 per device × 1 process(es) × 2 accumulation" in result.output
+
+
+def test_sdxl_defaults_and_export(sdxl_store, tmp_path):
+    run = tmp_path / "xl"
+    result = train(sdxl_store, run, "--steps", "2", "--export-pipeline")
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "run.json").read_text())
+    assert record["options"]["beta"] == 5000.0 and record["options"]["optimizer"] == "adafactor"
+    assert record["options"]["lr"] == pytest.approx(8e-8)
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(run / "pipeline")
+    image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_lora_trains_saves_and_loads(sd15_store, tmp_path, tiny_sd15):
+    run = tmp_path / "lora"
+    result = train(sd15_store, run, "--steps", "3", "--lora-rank", "4", "--lr", "1e-3", "--export-pipeline")
+    assert result.exit_code == 0, result.output
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None, requires_safety_checker=False)
+    base_weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    base.load_lora_weights(run / "lora")
+    generator = torch.Generator().manual_seed(0)
+    with_lora = base("a cat", num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
+    exported = StableDiffusionPipeline.from_pretrained(run / "pipeline")
+    generator = torch.Generator().manual_seed(0)
+    fused = exported("a cat", num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
+    assert np.abs(with_lora - fused).max() < 1e-3
+    changed = [k for k, v in exported.unet.state_dict().items() if not torch.equal(v, base_weights[k])]
+    assert changed and all("attn" in k for k in changed)
+
+
+def test_existing_run_dir_needs_resume_and_resume_checks_settings(sd15_store, tmp_path):
+    run = tmp_path / "run"
+    assert train(sd15_store, run, "--steps", "2").exit_code == 0
+    again = train(sd15_store, run, "--steps", "2")
+    assert again.exit_code == 2 and "--resume" in again.output
+    other = train(sd15_store, run, "--steps", "4", "--resume", "--beta", "10")
+    assert other.exit_code == 2 and "beta" in other.output
+    more = train(sd15_store, run, "--steps", "4", "--resume")
+    assert more.exit_code == 0, more.output
+    assert [line["step"] for line in metrics(run)] == [1, 2, 3, 4]
+
+
+def test_refuses_incomplete_store_other_weights_and_bad_options(sd15_store, tmp_path, pickapic):
+    incomplete = tmp_path / "incomplete.zarr"
+    shutil.copytree(sd15_store, incomplete)
+    (incomplete / "done" / "shards" / "c" / "1").unlink()
+    result = train(incomplete, tmp_path / "a")
+    assert result.exit_code == 2 and "incomplete" in result.output
+
+    model = build_tiny_sd15(tmp_path / "model-copy", seed=0)
+    store = make_store(model, pickapic["path"], tmp_path / "copy.zarr")
+    shutil.rmtree(model / "unet")
+    build_tiny_sd15(tmp_path / "other", seed=3)
+    shutil.copytree(tmp_path / "other" / "unet", model / "unet")
+    result = train(store, tmp_path / "b")
+    assert result.exit_code == 2 and "other weights" in result.output
+
+    versioned = tmp_path / "versioned.zarr"
+    shutil.copytree(sd15_store, versioned)
+    meta = json.loads((versioned / "zarr.json").read_text())
+    meta["attributes"]["schema_version"] = 99
+    (versioned / "zarr.json").write_text(json.dumps(meta))
+    result = train(versioned, tmp_path / "c")
+    assert result.exit_code == 2 and "schema version 99" in result.output
+
+    for option, value in (("--prompt-dropout", "1.5"), ("--beta", "-1"), ("--mixed-precision", "fp8")):
+        result = train(sd15_store, tmp_path / "d", option, value)
+        assert result.exit_code == 2 and option in result.output, result.output
+    result = runner.invoke(app, ["train", "--cache", str(sd15_store), "--out", str(tmp_path / "e"),
+                                 "--batch-size", "1000"])
+    assert result.exit_code == 2 and "fewer than one global batch" in result.output
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd15_store, tmp_path, monkeypatch):
+    import stages.train as train_stage
+
+    real = train_stage.inpo_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        if calls["n"] == 7:  # micro-batch 7 = step 4 with 2 accumulation steps
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(train_stage, "inpo_loss", poisoned)
+    run = tmp_path / "nan"
+    result = train(sd15_store, run, "--steps", "6", "--checkpoint-every", "2")
+    assert result.exit_code == 2 and "non-finite" in result.output and "step 4" in result.output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+
+
+def test_schedule_covers_every_row_once_per_epoch_across_ranks():
+    rows = np.arange(3, 103, dtype=np.int64)
+    schedules = [BatchSchedule(rows, 4, 3, rank, seed=1, prompt_dropout=0.25) for rank in range(3)]
+    per_epoch = schedules[0].micro_batches_per_epoch
+    assert per_epoch == 100 // 12
+    for epoch in range(2):
+        seen = np.concatenate([s.micro_batch(epoch * per_epoch + m)[0] for s in schedules for m in range(per_epoch)])
+        assert len(seen) == len(set(seen.tolist())) == per_epoch * 12
+        assert set(seen.tolist()) <= set(rows.tolist())
+    first = schedules[0].micro_batch(0)[0]
+    assert not np.array_equal(first, schedules[0].micro_batch(per_epoch)[0])
+    dropped = np.concatenate([schedules[0].dropped(rows, epoch) for epoch in range(40)])
+    assert 0.2 < dropped.mean() < 0.3
+
+
+def _train_command(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "inpo_pipeline", "train", "--cache", str(store), "--out", str(out),
+            "--lr", "1e-4", "--checkpoint-every", "2", *FAST, *extra]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_sigkill_and_resume_end_with_the_same_weights(sd15_store, tmp_path):
+    whole = tmp_path / "whole"
+    subprocess.run(_train_command(sd15_store, whole, "--steps", "8"), env=cli_env(), check=True,
+                   capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(sd15_store, killed, "--steps", "8"), env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (killed / "checkpoints" / "step-0000004").exists():
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "unet").exists()
+    resumed = subprocess.run(_train_command(sd15_store, killed, "--steps", "8", "--resume"), env=cli_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    first, second = _weights(whole), _weights(killed)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert metrics(whole)[-1]["loss"] == metrics(killed)[-1]["loss"]
+
+
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(sd15_store, tmp_path):
+    one = tmp_path / "one"
+    subprocess.run(_train_command(sd15_store, one, "--steps", "3", "--batch-size", "4", "--grad-accum", "1"),
+                   env=cli_env(), check=True, capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(30500 + os.getpid() % 1000), "-m", "inpo_pipeline",
+              *_train_command(sd15_store, two, "--steps", "3", "--batch-size", "2", "--grad-accum", "1")[3:]]
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 per device × 2 process(es) × 1 accumulation" in result.stderr
+    first, second = _weights(one), _weights(two)
+    worst = max((first[k] - second[k]).abs().max().item() / (first[k].abs().max().item() + 1e-12) for k in first)
+    print(f"largest relative weight difference, 2 DDP ranks vs 1 process: {worst:.2e}")
+    assert worst < 1e-3
+    losses = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
+    assert np.allclose(*losses, rtol=1e-4)
