@@ -88,7 +88,7 @@ def _coefficients(alpha_bar: torch.Tensor, like: torch.Tensor) -> tuple[torch.Te
 
     Computed in float64 and cast last: in bf16, ā_0 = 0.99915 rounds to 1 and 1−ā would be 0.
     """
-    alpha_bar = alpha_bar.to(torch.float64).reshape(-1, *([1] * (like.ndim - 1)))
+    alpha_bar = alpha_bar.to(device=like.device, dtype=torch.float64).reshape(-1, *([1] * (like.ndim - 1)))
     return alpha_bar.sqrt().to(like.dtype), (1 - alpha_bar).sqrt().to(like.dtype)
 
 

@@ -237,11 +237,11 @@ class WorldConfig:
 
     seed: int = 0
     train_images: int = 8192
-    vae_steps: int = 700
+    vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
-    unet_steps: int = 1600
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
