@@ -27,3 +27,7 @@ test-slow *args: install
 # Stage-one benchmark on a small UNet config (writes a JSON report to stdout).
 bench-invert *args: install
     {{bin}}/python benchmarks/bench_invert.py {{args}}
+
+# Stage-two benchmark: cached vs online vs Diffusion-DPO vs floor (JSON report to stdout).
+bench-train *args: install
+    {{bin}}/python benchmarks/bench_train.py {{args}}

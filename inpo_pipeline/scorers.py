@@ -132,7 +132,8 @@ class _Processed:
     def tokens(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         length = min(int(self.processor.tokenizer.model_max_length),
                      int(self.model.config.text_config.max_position_embeddings))
-        tokens = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=length,
+        # always padded to the full context, so a prompt's encoding never depends on its batch
+        tokens = self.processor.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
                                           return_tensors="pt")
         return {key: value.to(self.device) for key, value in tokens.items()}
 

@@ -1,0 +1,97 @@
+"""`inpo sample` and `inpo eval`: parse, call a stage, print. `register(app)` adds them to the CLI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from inpo_pipeline.reporting import Reporter
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `sample` and `eval` commands to `app`."""
+    from inpo_pipeline.cli import _user_errors
+
+    @app.command()
+    @_user_errors
+    def sample(
+        model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.5- or SDXL-type).")],
+        prompts: Annotated[str, typer.Option(help="Prompt set: text file (one per line), Pick-a-Pic parquet "
+                                                  "(file/folder/glob), Parti-Prompts TSV, or HPSv2 benchmark JSON.")],
+        out: Annotated[str, typer.Option(help="Folder for the images and manifest.jsonl (resumed if present).")],
+        unet: Annotated[str | None, typer.Option(help="Another UNet: RUN_DIR/unet of `inpo train`, or a pipeline folder.")] = None,
+        lora: Annotated[str | None, typer.Option(help="LoRA weights: RUN_DIR/lora of `inpo train` (applied on top of --unet if both).")] = None,
+        seeds: Annotated[int, typer.Option(help="Images per prompt, with seeds 0..N-1.")] = 1,
+        steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+        guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance (default: 7.5 for SD1.5, 5.0 for SDXL).")] = None,
+        resolution: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's native size).")] = None,
+        scheduler: Annotated[str, typer.Option(help="ddim, euler, euler_a or dpm++ (DPMSolverMultistep).")] = "ddim",
+        batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 4,
+        dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32).")] = None,
+        device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,
+    ) -> None:
+        """Generate images for a prompt set under one pinned protocol (resumable)."""
+        from stages.sample import SampleOptions, run_sample
+
+        options = SampleOptions(model=model, prompts=prompts, out=out, unet=unet, lora=lora, seeds=seeds,
+                                steps=steps, guidance=guidance, resolution=resolution, scheduler=scheduler,
+                                batch_size=batch_size, dtype=dtype, device=device)
+        reporter = Reporter()
+        summary = run_sample(options, reporter)
+        protocol = summary["protocol"]
+        reporter.table("inpo sample", [
+            ("folder", summary["out"]),
+            ("images", f"{summary['images']} ({summary['prompts']} prompts × {summary['seeds']} seeds): "
+                       f"{summary['generated']} generated, {summary['skipped']} already present"),
+            ("model", summary["model"]["model"]
+                      + (f", UNet {summary['model']['unet']}" if summary["model"]["unet"] else "")
+                      + (f", LoRA {summary['model']['lora']}" if summary["model"]["lora"] else "")),
+            ("protocol", f"{protocol['scheduler']} × {protocol['steps']} steps, guidance {protocol['guidance']}, "
+                         f"{protocol['resolution']} px, {protocol['dtype']}"),
+            ("wall time", f"{summary['seconds']:.1f} s on {summary['device']}"),
+        ])
+
+    @app.command("eval")
+    @_user_errors
+    def evaluate(
+        dir_a: Annotated[str, typer.Argument(help="Sample folder A (e.g. the base model's).")],
+        scorer: Annotated[list[str], typer.Option(help="pickscore, clip, aesthetic, hps or imagereward; repeatable.")],
+        out: Annotated[str, typer.Option(help="Report path: writes REPORT.json, REPORT.md and REPORT.png.")],
+        dir_b: Annotated[str | None, typer.Argument(help="Sample folder B (e.g. the aligned model's), paired with A.")] = None,
+        scorer_model: Annotated[list[str] | None, typer.Option(help="[NAME=]PATH: the scorer's weights (model folder or hub id; "
+                                                                    "the head/checkpoint file for aesthetic and hps).")] = None,
+        processor: Annotated[list[str] | None, typer.Option(help="[NAME=]PATH: the CLIP processor (default: the scorer's published one).")] = None,
+        backbone: Annotated[list[str] | None, typer.Option(help="[NAME=]PATH: CLIP under the aesthetic head / CLIP config for hps.")] = None,
+        batch_size: Annotated[int, typer.Option(help="Images per scorer call.")] = 16,
+        device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,
+    ) -> None:
+        """Score sample folders with preference models; with two folders, B's win rate over A."""
+        from stages.evaluate import EvalOptions, assign_to_scorers, report_paths, run_eval
+
+        scorers = list(scorer)
+        options = EvalOptions(
+            dir_a=dir_a, dir_b=dir_b, out=out, scorers=scorers,
+            scorer_models=assign_to_scorers(scorer_model, scorers, "--scorer-model"),
+            processors=assign_to_scorers(processor, scorers, "--processor"),
+            backbones=assign_to_scorers(backbone, scorers, "--backbone"),
+            batch_size=batch_size, device=device,
+        )
+        reporter = Reporter()
+        report = run_eval(options, reporter)
+        rows: list[tuple[str, str]] = []
+        for name, section in report["scorers"].items():
+            if not section["available"]:
+                rows.append((name, f"unavailable: {section['reason']}"))
+                continue
+            text = f"A mean {section['A']['mean']:.4f}, median {section['A']['median']:.4f}"
+            if "B" in section:
+                rate = section["win_rate"]
+                text += (f"; B mean {section['B']['mean']:.4f}, median {section['B']['median']:.4f}; B wins "
+                         f"{rate['rate']:.1%} [{rate['low']:.1%}, {rate['high']:.1%}] of {rate['n']} pairs")
+            rows.append((name, text))
+        paths = report_paths(out)
+        rows.append(("report", f"{paths['json']}, {paths['md']}" + (f", {paths['png']}" if "plot" in report else "")))
+        reporter.table("inpo eval", rows)
+        if not any(section["available"] for section in report["scorers"].values()):
+            raise typer.Exit(1)

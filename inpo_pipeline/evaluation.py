@@ -1,0 +1,203 @@
+"""Evaluation bookkeeping: sample folders, pairing, the report and its markdown. No models here.
+
+A sample folder is what `inpo sample` writes: images and ``manifest.jsonl`` (one record per image:
+at least ``file`` and ``prompt``; ``category`` or ``style`` where the prompt set has groups, and
+``model``/``protocol``). Images of two folders are paired by file name, which `inpo sample`
+derives from (prompt index, seed): the same prompt drawn from the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.sampling import MANIFEST, read_manifest
+from inpo_pipeline.winrate import grouped_win_rates, summary_stats, win_rate
+
+GROUP_KEYS = ("category", "style")
+TIE_RULE = ("B wins a pair when its score is higher; equal scores (identical images score identically) "
+            "are ties and count half: rate = (wins + ties/2) / pairs")
+INTERVAL = "95% Wilson score interval of the rate (ties as half successes)"
+
+
+@dataclass(frozen=True)
+class SampleImage:
+    """One image of a sample folder."""
+
+    file: str
+    path: Path
+    prompt: str
+    group: str | None
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SampleFolder:
+    path: Path
+    images: tuple[SampleImage, ...]
+    group_key: str | None
+
+    @property
+    def model(self) -> Any:
+        return self.images[0].record.get("model") if self.images else None
+
+    @property
+    def protocol(self) -> Any:
+        return self.images[0].record.get("protocol") if self.images else None
+
+
+def read_sample_folder(folder: str | Path) -> SampleFolder:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder")
+    records = read_manifest(path)
+    if not records:
+        raise UserError(f"{path} has no {MANIFEST} with image records (write it with `inpo sample`)")
+    group_key = next((key for key in GROUP_KEYS if any(key in r for r in records)), None)
+    images, seen = [], set()
+    for record in records:
+        file = str(record["file"])
+        if file in seen:
+            raise UserError(f"{path / MANIFEST} lists {file} twice")
+        seen.add(file)
+        if not (path / file).is_file():
+            raise UserError(f"{path / MANIFEST} lists {file}, which is not in {path}")
+        group = record.get(group_key) if group_key else None
+        images.append(SampleImage(file, path / file, str(record["prompt"]), None if group is None else str(group),
+                                  record))
+    return SampleFolder(path, tuple(images), group_key)
+
+
+def protocol_differences(a: SampleFolder, b: SampleFolder) -> list[str]:
+    """The protocol fields in which two folders differ (both must record a protocol to differ)."""
+    first, second = a.protocol, b.protocol
+    if first is None or second is None:
+        return []
+    return sorted(key for key in set(first) | set(second) if first.get(key) != second.get(key))
+
+
+def pair_images(a: SampleFolder, b: SampleFolder) -> list[tuple[SampleImage, SampleImage]]:
+    """Images present in both folders, in A's order; their prompts must agree."""
+    differences = protocol_differences(a, b)
+    if differences:
+        raise UserError(f"{a.path} and {b.path} were sampled under different protocols "
+                        f"({', '.join(differences)}); sample both with the same options")
+    by_file = {image.file: image for image in b.images}
+    pairs = [(image, by_file[image.file]) for image in a.images if image.file in by_file]
+    for first, second in pairs:
+        if first.prompt != second.prompt:
+            raise UserError(f"{first.file} has another prompt in {b.path} than in {a.path}: not a pair")
+    if not pairs:
+        raise UserError(f"{a.path} and {b.path} share no images (files named alike); nothing to compare")
+    return pairs
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except Exception as error:  # PIL raises many types for unreadable files
+        raise UserError(f"cannot read image {path} ({type(error).__name__})") from error
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """Identifies an image by its pixels: equal images get one score, so they tie exactly."""
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the report
+def _group_table(scores_a: Sequence[float], scores_b: Sequence[float] | None,
+                 groups: Sequence[str | None]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    labels = ["(none)" if g is None else g for g in groups]
+    for group in dict.fromkeys(labels):
+        members = [i for i, label in enumerate(labels) if label == group]
+        entry: dict[str, Any] = {"A": summary_stats([scores_a[i] for i in members])}
+        if scores_b is not None:
+            entry["B"] = summary_stats([scores_b[i] for i in members])
+        table[group] = entry
+    if scores_b is not None:
+        for group, rate in grouped_win_rates(scores_a, scores_b, labels).items():
+            table[group]["win_rate"] = rate.to_dict()
+    return table
+
+
+def scorer_section(scores_a: Sequence[float], scores_b: Sequence[float] | None,
+                   groups: Sequence[str | None], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """Statistics of one scorer: per folder, B's win rate over A, and the same per group."""
+    section: dict[str, Any] = {"available": True, "identity": dict(identity), "A": summary_stats(scores_a)}
+    if scores_b is not None:
+        section["B"] = summary_stats(scores_b)
+        section["mean_difference"] = section["B"]["mean"] - section["A"]["mean"]
+        section["win_rate"] = win_rate(scores_a, scores_b).to_dict()
+    if any(group is not None for group in groups):
+        section["by_group"] = _group_table(scores_a, scores_b, groups)
+    return section
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _rate(rate: Mapping[str, Any]) -> str:
+    return f"{rate['rate']:.1%} [{rate['low']:.1%}, {rate['high']:.1%}]"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: one table over scorers, one per scorer and group."""
+    folders = report["directories"]
+    two = "B" in folders
+    lines = ["# inpo eval", ""]
+    for name, folder in folders.items():
+        model = folder.get("model") or {}
+        what = model.get("model", "?") + (f", UNet {model['unet']}" if model.get("unet") else "") \
+            + (f", LoRA {model['lora']}" if model.get("lora") else "")
+        lines.append(f"- **{name}**: `{folder['path']}` ({folder['images']} images; {what})")
+    protocol = report.get("protocol")
+    if protocol:
+        lines.append(f"- protocol: {protocol.get('scheduler')} × {protocol.get('steps')} steps, guidance "
+                     f"{protocol.get('guidance')}, {protocol.get('resolution')} px, {len(protocol.get('seeds', []))} "
+                     f"seed(s), {protocol.get('prompts', {}).get('count')} {protocol.get('prompts', {}).get('kind')} prompts")
+    if two:
+        lines.append(f"- pairs: {report['pairs']} (unpaired: A {report['unpaired']['A']}, B {report['unpaired']['B']})")
+        lines += ["", f"Win rate of B over A. {report['tie_rule']}. Interval: {report['interval']}."]
+    lines.append("")
+    available = {name: s for name, s in report["scorers"].items() if s["available"]}
+    if available:
+        if two:
+            lines += ["| scorer | A mean | A median | B mean | B median | B wins / ties / losses | B win rate [95% CI] |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        else:
+            lines += ["| scorer | n | mean | median | std |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, section in available.items():
+            a = section["A"]
+            if two:
+                b, rate = section["B"], section["win_rate"]
+                lines.append(f"| {name} | {_fmt(a['mean'])} | {_fmt(a['median'])} | {_fmt(b['mean'])} | "
+                             f"{_fmt(b['median'])} | {rate['wins']} / {rate['ties']} / {rate['losses']} | {_rate(rate)} |")
+            else:
+                lines.append(f"| {name} | {a['n']} | {_fmt(a['mean'])} | {_fmt(a['median'])} | {_fmt(a['std'])} |")
+    for name, section in available.items():
+        if "by_group" not in section:
+            continue
+        key = report.get("group_key") or "group"
+        lines += ["", f"## {name} by {key}", ""]
+        if two:
+            lines += [f"| {key} | pairs | A mean | B mean | B win rate [95% CI] |", "| --- | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {group} | {e['A']['n']} | {_fmt(e['A']['mean'])} | {_fmt(e['B']['mean'])} | {_rate(e['win_rate'])} |"
+                      for group, e in section["by_group"].items()]
+        else:
+            lines += [f"| {key} | n | mean | median |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {group} | {e['A']['n']} | {_fmt(e['A']['mean'])} | {_fmt(e['A']['median'])} |"
+                      for group, e in section["by_group"].items()]
+    unavailable = {name: s for name, s in report["scorers"].items() if not s["available"]}
+    if unavailable:
+        lines += ["", "Unavailable scorers (not run, not imitated):", ""]
+        lines += [f"- {name}: {section['reason']}" for name, section in unavailable.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,383 @@
+"""`inpo demo` and `inpo world ...`: the whole pipeline in the shapes world, where the truth is known.
+
+demo = world (load or build) → the base model's own samples, two seeds per training prompt,
+labelled by the world's reward (Pick-a-Pic parquet) → `run_invert` → `run_train` → sampling of
+base and aligned models on held-out prompts with the same seeds → rewards, win rate, intervals,
+a PNG grid and a reward plot. With controls, the same is repeated with shuffled and with reversed
+labels. The pieces are also CLI commands (`inpo world data`, `inpo world eval`), so the proof in
+docs/proof.md runs the real `inpo invert` / `inpo train` commands between them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inpo_pipeline import world
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.reporting import Reporter
+from inpo_pipeline.world import LABELINGS, SamplerSettings
+
+DATA_SEED_BASE = 1_000_000
+"""Seeds of the preference data's samples start here; evaluation seeds are 0, 1, 2, … (disjoint)."""
+CONTROLS = ("shuffled", "reversed")
+
+
+# ------------------------------------------------------------------------------ the world
+def ensure_world(path: str | None, rebuild: bool, reporter: Reporter) -> Path:
+    """The world model folder: the committed one (or `path`), built first if missing or asked."""
+    folder = Path(path) if path else world.DEFAULT_WORLD
+    if rebuild or not (folder / "model_index.json").exists():
+        reporter.line(f"building the world model at {folder} (deterministic, a few minutes on 2 cores)")
+        record = world.build_world(folder, progress=reporter.progress)
+        reporter.line(f"world model built in {record['timings']['total_seconds']:.0f} s")
+    return folder
+
+
+# ------------------------------------------------------------------------------ preference data
+@dataclass
+class PreferencePool:
+    """The base model's sample pairs (uint8 images, exactly what the parquet stores) and rewards."""
+
+    prompts: list[str]
+    seeds_0: np.ndarray
+    seeds_1: np.ndarray
+    images_0: np.ndarray
+    images_1: np.ndarray
+    reward_0: np.ndarray
+    reward_1: np.ndarray
+
+    def save(self, path: Path, key: dict[str, Any]) -> None:
+        np.savez_compressed(path, key=json.dumps(key, sort_keys=True), prompts=np.array(self.prompts),
+                            **{k: getattr(self, k) for k in ("seeds_0", "seeds_1", "images_0", "images_1",
+                                                               "reward_0", "reward_1")})
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any]) -> PreferencePool | None:
+        if not path.exists():
+            return None
+        with np.load(path) as saved:
+            if str(saved["key"]) != json.dumps(key, sort_keys=True):
+                return None
+            return cls(prompts=[str(p) for p in saved["prompts"]], seeds_0=saved["seeds_0"], seeds_1=saved["seeds_1"],
+                       images_0=saved["images_0"], images_1=saved["images_1"], reward_0=saved["reward_0"],
+                       reward_1=saved["reward_1"])
+
+
+def sample_pool(model: Path, pairs_per_prompt: int, sampler: SamplerSettings, seed: int, reporter: Reporter,
+                cache: Path | None = None) -> PreferencePool:
+    """Two samples of the base model per (training prompt, pair), seeds DATA_SEED_BASE + …, scored."""
+    key = {"model": str(Path(model).resolve()), "fingerprint": _unet_fingerprint(model), "pairs": pairs_per_prompt,
+           "sampler": asdict(sampler), "seed": seed, "prompts": list(world.TRAIN_PROMPTS)}
+    if cache is not None and (pool := PreferencePool.load(cache, key)) is not None:
+        reporter.line(f"preference samples: reusing {cache}")
+        return pool
+    prompts = [p for p in world.TRAIN_PROMPTS for _ in range(pairs_per_prompt)]
+    first = DATA_SEED_BASE + seed * 100_000
+    seeds_0 = first + 2 * np.arange(len(prompts))
+    seeds_1 = seeds_0 + 1
+    pipe = world.load_pipeline(model)
+    with reporter.progress("sampling preference pairs", 2 * len(prompts), unit="images") as advance:
+        images_0 = world.to_uint8(world.sample(pipe, prompts, seeds_0, sampler, advance))
+        images_1 = world.to_uint8(world.sample(pipe, prompts, seeds_1, sampler, advance))
+    pool = PreferencePool(prompts, seeds_0, seeds_1, images_0, images_1,
+                          world.reward(images_0, prompts), world.reward(images_1, prompts))
+    if cache is not None:
+        pool.save(cache, key)
+    return pool
+
+
+def write_dataset(pool: PreferencePool, path: Path, labeling: str, seed: int = 0) -> dict[str, Any]:
+    """The pool as a Pick-a-Pic parquet labelled by `labeling`; returns a short description."""
+    labels = world.preference_labels(pool.reward_0, pool.reward_1, labeling, seed)
+    world.write_preference_parquet(path, pool.prompts, pool.images_0, pool.images_1, labels)
+    truth = world.preference_labels(pool.reward_0, pool.reward_1, "reward")
+    return {"path": str(path), "pairs": len(labels), "labeling": labeling,
+            "agreement_with_reward": float(np.mean(labels == truth)),
+            "mean_reward_gap": float(np.mean(np.abs(pool.reward_0 - pool.reward_1)))}
+
+
+def _unet_fingerprint(model: Path) -> str:
+    """A cheap identity of the model's UNet weights file (size + mtime-free content hash)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted((Path(model) / "unet").glob("*.safetensors")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ aligned models
+def run_unet(run_dir: Path | str, step: int | None = None) -> Any:
+    """The trained UNet of an `inpo train` run (`unet/`), or the one in its checkpoint at `step`."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    unet = UNet2DConditionModel.from_pretrained(str(run_dir / "unet"))
+    if step is not None:
+        checkpoint = run_dir / "checkpoints" / f"step-{step:07d}" / "model.safetensors"
+        if not checkpoint.exists():
+            raise UserError(f"{run_dir} has no checkpoint at step {step} ({checkpoint} is missing)")
+        unet.load_state_dict(load_file(str(checkpoint)))
+    return unet.eval()
+
+
+@dataclass
+class Evaluation:
+    """Rewards of base and each aligned model on the same prompts and seeds."""
+
+    prompts: list[str]
+    seeds: list[int]
+    base: np.ndarray
+    base_images: np.ndarray
+    aligned: dict[str, np.ndarray] = field(default_factory=dict)
+    aligned_images: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def comparisons(self) -> dict[str, world.Comparison]:
+        return {name: world.compare(self.base, rewards) for name, rewards in self.aligned.items()}
+
+
+def evaluation_set(eval_seeds: int) -> tuple[list[str], list[int]]:
+    """Held-out prompts × seeds 0..eval_seeds−1."""
+    prompts = [p for p in world.HELD_OUT_PROMPTS for _ in range(eval_seeds)]
+    return prompts, [s for _ in world.HELD_OUT_PROMPTS for s in range(eval_seeds)]
+
+
+def evaluate(model: Path, unets: dict[str, Any], eval_seeds: int, sampler: SamplerSettings,
+             reporter: Reporter) -> Evaluation:
+    """Sample base and each aligned UNet on held-out prompts with the same seeds; score all."""
+    prompts, seeds = evaluation_set(eval_seeds)
+    pipe = world.load_pipeline(model)
+    base_unet = pipe.unet
+    total = len(prompts) * (1 + len(unets))
+    with reporter.progress("sampling base and aligned", total, unit="images") as advance:
+        base_images = world.to_uint8(world.sample(pipe, prompts, seeds, sampler, advance))
+        result = Evaluation(prompts, seeds, world.reward(base_images, prompts), base_images)
+        for name, unet in unets.items():
+            pipe.unet = unet
+            images = world.to_uint8(world.sample(pipe, prompts, seeds, sampler, advance))
+            result.aligned[name] = world.reward(images, prompts)
+            result.aligned_images[name] = images
+    pipe.unet = base_unet
+    return result
+
+
+# ------------------------------------------------------------------------------ the demo
+@dataclass
+class DemoOptions:
+    """The options of `inpo demo`; the training defaults are the ones the sweep in docs/proof.md picked."""
+
+    out: str = "demo-output"
+    world: str | None = None
+    rebuild_world: bool = False
+    pairs_per_prompt: int = 50
+    eval_seeds: int = 40
+    controls: bool = True
+    beta: float = 2000.0
+    lr: float = 1e-4
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup: int = 10
+    prompt_dropout: float = 0.1
+    timestep_mode: str = "exact"
+    timesteps_per_pair: int = 2
+    inversion_steps: int = 10
+    sample_steps: int = 20
+    guidance: float = 3.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.pairs_per_prompt >= 2, "--pairs-per-prompt must be at least 2"),
+            (self.eval_seeds >= 1, "--eval-seeds must be at least 1"),
+            (self.sample_steps >= 1, "--sample-steps must be at least 1"),
+            (self.guidance >= 1, "--guidance must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(steps=self.sample_steps, guidance=self.guidance)
+
+
+def invert_and_train(model: Path, data: Path, work: Path, options: DemoOptions, reporter: Reporter) -> Path:
+    """The real stages, in process: `run_invert` into work/store.zarr, `run_train` into work/run."""
+    from stages.invert import InvertOptions, run_invert
+    from stages.train import TrainOptions, run_train
+
+    store, run = work / "store.zarr", work / "run"
+    run_invert(InvertOptions(
+        model=str(model), data=str(data), out=str(store), timestep_mode=options.timestep_mode,
+        timesteps_per_pair=options.timesteps_per_pair, inversion_steps=options.inversion_steps,
+        batch_size=64, rows_per_shard=128, shards_per_window=4, seed=options.seed, overwrite=True,
+        device="cpu",
+    ), reporter)
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    run_train(TrainOptions(
+        cache=str(store), out=str(run), beta=options.beta, lr=options.lr, steps=options.steps,
+        batch_size=options.batch_size, grad_accum=options.grad_accum, warmup=options.warmup,
+        prompt_dropout=options.prompt_dropout, seed=options.seed, num_workers=0,
+        checkpoint_every=options.steps, keep_checkpoints=1,
+    ), reporter)
+    return run
+
+
+def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """The whole story; writes results.json, grid.png and rewards.png under options.out."""
+    options.validate()
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+
+    model = ensure_world(options.world, options.rebuild_world, reporter)
+    timings["world"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    pool = sample_pool(model, options.pairs_per_prompt, options.sampler, options.seed, reporter,
+                       cache=out / "preference-samples.npz")
+    timings["preference_samples"] = time.perf_counter() - mark
+    reporter.line(f"{len(pool.prompts)} pairs on {len(world.TRAIN_PROMPTS)} training prompts; "
+                  f"mean reward of the base samples {np.mean([pool.reward_0, pool.reward_1]):.4f}")
+
+    labelings = ["reward", *(CONTROLS if options.controls else ())]
+    runs: dict[str, Path] = {}
+    datasets: dict[str, Any] = {}
+    for labeling in labelings:
+        mark = time.perf_counter()
+        reporter.line(f"— labels: {labeling} —")
+        data = out / "data" / f"{labeling}.parquet"
+        datasets[labeling] = write_dataset(pool, data, labeling, seed=options.seed)
+        runs[labeling] = invert_and_train(model, data, out / labeling, options, reporter)
+        timings[f"invert_train_{labeling}"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    evaluation = evaluate(model, {name: run_unet(run) for name, run in runs.items()}, options.eval_seeds,
+                          options.sampler, reporter)
+    timings["evaluation"] = time.perf_counter() - mark
+    comparisons = evaluation.comparisons()
+    write_grid(out / "grid.png", evaluation, "reward")
+    write_reward_plot(out / "rewards.png", evaluation)
+    timings["total"] = time.perf_counter() - started
+    results = {
+        "options": asdict(options), "model": str(model), "datasets": datasets,
+        "comparisons": {name: c.as_dict() for name, c in comparisons.items()},
+        "timings_seconds": timings, "grid": str(out / "grid.png"), "plot": str(out / "rewards.png"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_comparisons(reporter, comparisons, title=f"inpo demo: {evaluation.base.size} held-out samples "
+                                                    f"({len(world.HELD_OUT_PROMPTS)} prompts × {options.eval_seeds} seeds)")
+    reporter.line(f"grid: {out / 'grid.png'}  plot: {out / 'rewards.png'}  results: {out / 'results.json'}  "
+                  f"({timings['total']:.0f} s)")
+    return results
+
+
+# ------------------------------------------------------------------------------ reporting
+def print_comparisons(reporter: Reporter, comparisons: dict[str, world.Comparison], title: str) -> None:
+    """One row per model: base and aligned mean reward [95% CI], Δ, win rate [Wilson 95% CI]."""
+    if not reporter.enabled:
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("labels", "n", "base reward", "aligned reward", "Δ reward", "win rate (ties ½)"):
+        table.add_column(column)
+    for name, c in comparisons.items():
+        table.add_row(
+            name, str(c.n),
+            f"{c.base_mean:.4f} [{c.base_interval[0]:.4f}, {c.base_interval[1]:.4f}]",
+            f"{c.aligned_mean:.4f} [{c.aligned_interval[0]:.4f}, {c.aligned_interval[1]:.4f}]",
+            f"{c.difference:+.4f} [{c.difference_interval[0]:+.4f}, {c.difference_interval[1]:+.4f}]",
+            f"{c.win_rate:.1%} [{c.win_interval[0]:.1%}, {c.win_interval[1]:.1%}]",
+        )
+    reporter.console.print(table)
+
+
+def write_grid(path: Path, evaluation: Evaluation, name: str, seeds_shown: int = 4, scale: int = 3) -> Path:
+    """Rows: held-out prompts; columns: base | aligned for the same seed, `seeds_shown` seeds."""
+    from PIL import Image, ImageDraw
+
+    size, gap, label = world.IMAGE_SIZE * scale, 4, 96
+    seeds = sorted(set(evaluation.seeds))[:seeds_shown]
+    prompts = list(dict.fromkeys(evaluation.prompts))
+    width = label + len(seeds) * (2 * size + 3 * gap)
+    height = 16 + len(prompts) * (size + gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    index = {(p, s): i for i, (p, s) in enumerate(zip(evaluation.prompts, evaluation.seeds))}
+    for column, seed in enumerate(seeds):
+        x = label + column * (2 * size + 3 * gap)
+        draw.text((x, 2), f"seed {seed}: base | aligned", fill="black")
+    for row, prompt in enumerate(prompts):
+        y = 16 + row * (size + gap)
+        draw.text((2, y + size // 2 - 6), prompt, fill="black")
+        for column, seed in enumerate(seeds):
+            i = index[(prompt, seed)]
+            x = label + column * (2 * size + 3 * gap)
+            for offset, image in ((0, evaluation.base_images[i]), (size + gap, evaluation.aligned_images[name][i])):
+                tile = Image.fromarray(image).resize((size, size), Image.NEAREST)
+                canvas.paste(tile, (x + offset, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+def write_reward_plot(path: Path, evaluation: Evaluation) -> Path:
+    """Left: each sample's reward, base (x) vs aligned with true labels (y), and the diagonal.
+    Right: mean reward with 95% bootstrap intervals, base and each aligned model."""
+    from PIL import Image, ImageDraw
+
+    panel, margin = 240, 30
+    canvas = Image.new("RGB", (2 * panel + 3 * margin, panel + 2 * margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    main = evaluation.aligned.get("reward", next(iter(evaluation.aligned.values()), evaluation.base))
+    top = float(max(evaluation.base.max(), main.max(), 1e-6)) * 1.05
+
+    def scatter_xy(x: float, y: float) -> tuple[float, float]:
+        return margin + x / top * panel, margin + panel - y / top * panel
+
+    draw.rectangle([margin, margin, margin + panel, margin + panel], outline="black")
+    draw.line([scatter_xy(0, 0), scatter_xy(top, top)], fill=(150, 150, 150))
+    for b, a in zip(evaluation.base, main):
+        x, y = scatter_xy(float(b), float(a))
+        draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(30, 90, 200) if a > b else (200, 60, 30))
+    draw.text((margin, 4), "reward per sample: aligned (y) vs base (x)", fill="black")
+    draw.text((margin, margin + panel + 6), f"0 … {top:.2f}", fill="black")
+
+    bars = [("base", evaluation.base), *evaluation.aligned.items()]
+    left = 2 * margin + panel
+    draw.rectangle([left, margin, left + panel, margin + panel], outline="black")
+    draw.text((left, 4), "mean reward, 95% bootstrap CI", fill="black")
+    highest = max(float(np.mean(v)) for _, v in bars) * 1.3 or 1.0
+    width = panel / (len(bars) * 1.5 + 0.5)
+    for i, (name, values) in enumerate(bars):
+        low, high = world.bootstrap_mean_interval(values)
+        x0 = left + width * (0.5 + 1.5 * i)
+        y = margin + panel - float(np.mean(values)) / highest * panel
+        draw.rectangle([x0, y, x0 + width, margin + panel], fill=(120, 160, 220) if name != "base" else (170, 170, 170))
+        for bound in (low, high):
+            yb = margin + panel - bound / highest * panel
+            draw.line([x0 + width * 0.3, yb, x0 + width * 0.7, yb], fill="black")
+        draw.line([x0 + width / 2, margin + panel - low / highest * panel, x0 + width / 2,
+                   margin + panel - high / highest * panel], fill="black")
+        draw.text((x0, margin + panel + 6), name[:8], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+LABELING_CHOICES = LABELINGS

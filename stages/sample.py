@@ -1,0 +1,152 @@
+"""`inpo sample`: images for a prompt set under one pinned protocol, resumable.
+
+Read the prompts, load the pipeline (UNet swap / LoRA), then generate every (prompt, seed)
+image not yet in OUT, in batches, each image from its own seeded noise (see
+`inpo_pipeline.sampling`). Images are written atomically, then recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import inpo_pipeline
+from inpo_pipeline import sampling
+from inpo_pipeline.errors import UserError
+from inpo_pipeline.prompts import Prompt, read_prompts
+from inpo_pipeline.reporting import Reporter
+
+
+@dataclass
+class SampleOptions:
+    """The options of `inpo sample` (see the CLI for their help). None = the model's default."""
+
+    model: str
+    prompts: str
+    out: str
+    unet: str | None = None
+    lora: str | None = None
+    seeds: int = 1
+    steps: int = 50
+    guidance: float | None = None
+    resolution: int | None = None
+    scheduler: str = "ddim"
+    batch_size: int = 4
+    dtype: str | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.seeds >= 1, "--seeds must be at least 1"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.guidance is None or self.guidance >= 0, "--guidance must be >= 0"),
+            (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
+            (self.scheduler in sampling.SCHEDULERS, f"--scheduler must be one of {', '.join(sampling.SCHEDULERS)}"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.dtype is None or self.dtype in sampling.DTYPES, f"--dtype must be one of {', '.join(sampling.DTYPES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def _check_resolution(pipeline: Any, resolution: int) -> None:
+    multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise UserError(f"--resolution {resolution} is not a multiple of {multiple} "
+                        f"(VAE factor {pipeline.vae_scale_factor} × UNet downsampling)")
+
+
+def _check_existing(out: Path, records: list[dict[str, Any]], model: dict[str, Any], protocol: dict[str, Any]) -> None:
+    """A folder being resumed must hold images of the same weights under the same protocol."""
+    if not records:
+        return
+    first = records[0]
+    for what, ours in (("model", model), ("protocol", protocol)):
+        theirs = first.get(what)
+        if theirs != ours:
+            keys = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
+            raise UserError(f"{out} holds images of another {what} (differs in {', '.join(keys)}); "
+                            "give another --out or the same options")
+
+
+def run_sample(options: SampleOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Generate the missing images of OUT; returns a summary."""
+    reporter = reporter or Reporter()
+    options.validate()
+    started = time.perf_counter()
+    prompt_set = read_prompts(options.prompts)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = options.dtype or ("float16" if device.type == "cuda" else "float32")
+    with reporter.status(f"loading {options.model}"):
+        pipeline, model = sampling.load_sampling_pipeline(
+            options.model, unet=options.unet, lora=options.lora, dtype=sampling.DTYPES[dtype_name], device=device)
+    pipeline.scheduler = sampling.make_scheduler(options.scheduler, pipeline.scheduler.config)
+    resolution = options.resolution or int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor
+    _check_resolution(pipeline, resolution)
+    guidance = options.guidance if options.guidance is not None else sampling.DEFAULT_GUIDANCE[model["family"]]
+    protocol = {
+        "prompts": prompt_set.identity(),
+        "seeds": list(range(options.seeds)),
+        "steps": options.steps,
+        "guidance": guidance,
+        "resolution": resolution,
+        "scheduler": options.scheduler,
+        "scheduler_config": sampling.scheduler_settings(pipeline.scheduler),
+        "eta": 0.0,
+        "negative_prompt": "",
+        "dtype": dtype_name,
+        "noise": sampling.NOISE,
+    }
+    protocol = json.loads(json.dumps(protocol))
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sampling.read_manifest(out)
+    _check_existing(out, existing, model, protocol)
+
+    def record(prompt: Prompt, seed: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {"file": sampling.image_name(prompt.index, seed), "prompt_index": prompt.index,
+                                 "seed": seed, "prompt": prompt.text}
+        if prompt_set.group_key:
+            entry[prompt_set.group_key] = prompt.group
+        return {**entry, "model": model, "protocol": protocol, "prompt_source": prompt_set.source,
+                "inpo_version": inpo_pipeline.__version__}
+
+    jobs = [(prompt, seed) for prompt in prompt_set.prompts for seed in range(options.seeds)]
+    recorded = {r["file"] for r in existing}
+    # images written by a run killed before its manifest line are recorded now, not redrawn
+    present = [record(p, s) for p, s in jobs if (out / sampling.image_name(p.index, s)).exists()]
+    sampling.write_manifest(out, [r for r in present if r["file"] in recorded]
+                            + [r for r in present if r["file"] not in recorded])
+    done = {r["file"] for r in present}
+    todo = [(p, s) for p, s in jobs if sampling.image_name(p.index, s) not in done]
+    reporter.line(f"{len(jobs)} images ({len(prompt_set)} prompts × {options.seeds} seeds): "
+                  f"{len(done)} present, {len(todo)} to generate on {device} ({dtype_name})")
+    channels = int(pipeline.unet.config.in_channels)
+    latent_side = resolution // pipeline.vae_scale_factor
+    with reporter.progress("sampling", len(todo), "img") as advance:
+        for start in range(0, len(todo), options.batch_size):
+            batch = todo[start:start + options.batch_size]
+            latents, generators = sampling.initial_latents([s for _, s in batch], (channels, latent_side, latent_side))
+            with torch.no_grad():
+                images = pipeline(
+                    prompt=[p.text for p, _ in batch], height=resolution, width=resolution,
+                    num_inference_steps=options.steps, guidance_scale=guidance, eta=0.0,
+                    latents=latents.to(device, pipeline.unet.dtype), generator=generators, output_type="pil",
+                ).images
+            for (prompt, seed), image in zip(batch, images):
+                target = out / sampling.image_name(prompt.index, seed)
+                temporary = target.with_name(target.name + ".tmp")
+                image.save(temporary, format="PNG")
+                os.replace(temporary, target)
+            sampling.append_manifest(out, [record(p, s) for p, s in batch])
+            advance(len(batch))
+    return {"out": str(out), "images": len(jobs), "generated": len(todo), "skipped": len(done),
+            "prompts": len(prompt_set), "seeds": options.seeds, "device": str(device), "model": model,
+            "protocol": protocol, "seconds": time.perf_counter() - started}

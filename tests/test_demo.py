@@ -1,0 +1,54 @@
+"""`inpo demo`, reduced: the pipeline aligns the shapes world's model; the controls do not.
+
+Slow (a few minutes on 2 cores): run with `just test-slow` (or `pytest -m slow tests/test_demo.py`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from inpo_pipeline import world
+from inpo_pipeline.cli import app
+
+pytestmark = pytest.mark.slow
+
+WIN_RATE_THRESHOLD = 0.65
+
+
+def _app_with_demo():
+    if not any(command.name == "demo" or getattr(command.callback, "__name__", "") == "demo"
+               for command in app.registered_commands):
+        from inpo_pipeline.cli_demo import register
+
+        register(app)
+    return app
+
+
+def test_reduced_demo_aligns_and_the_shuffled_control_does_not(tmp_path) -> None:
+    if not (world.DEFAULT_WORLD / "model_index.json").exists():
+        pytest.skip("worlds/shapes is not built (python scripts/build_world.py)")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(_app_with_demo(), [
+        "demo", "--out", str(out), "--pairs-per-prompt", "30", "--eval-seeds", "34",
+        "--sample-steps", "15",
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    main, shuffled, reversed_ = (results["comparisons"][name] for name in ("reward", "shuffled", "reversed"))
+
+    assert main["n"] >= 200
+    assert main["win_rate"] >= WIN_RATE_THRESHOLD, main
+    assert main["win_interval"][0] > 0.5, main
+    assert main["difference_interval"][0] > 0, main
+
+    # shuffled labels: no information, so the win rate stays within noise of 50%
+    assert shuffled["win_interval"][0] <= 0.5 <= shuffled["win_interval"][1] or abs(shuffled["win_rate"] - 0.5) < 0.1, shuffled
+    # reversed labels: the reward goes down
+    assert reversed_["difference"] < 0, reversed_
+    assert reversed_["win_rate"] < 0.5, reversed_
+
+    assert (out / "grid.png").stat().st_size > 1000
+    assert (out / "rewards.png").stat().st_size > 500
