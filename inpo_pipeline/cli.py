@@ -225,11 +225,19 @@ def example(
     out: Annotated[Path, typer.Option(help="Folder for the example's model, data and store.")] = Path("example-output"),
     pairs: Annotated[int, typer.Option(help="Pairs in the generated data set.")] = 32,
     family: Annotated[str, typer.Option(help="sd15 or sdxl tiny model.")] = "sd15",
+    steps: Annotated[int, typer.Option(help="Training steps on the example store.")] = 20,
 ) -> None:
-    """Run the whole pipeline on a built-in tiny model and a generated preference set."""
+    """Run the whole pipeline (invert, then train) on a built-in tiny model and generated data."""
     from stages.example import run_example
 
-    run_example(out, pairs=pairs, family=family, reporter=Reporter())
+    run_example(out, pairs=pairs, family=family, steps=steps, reporter=Reporter())
+
+
+def _register_commands() -> None:
+    """Commands defined next to their stages' option sets."""
+    from inpo_pipeline.cli_sampling import register as register_sampling
+
+    register_sampling(app)
 
 
 def _quiet_libraries() -> None:
@@ -250,6 +258,9 @@ def _quiet_libraries() -> None:
 @app.callback()
 def _setup() -> None:
     _quiet_libraries()
+
+
+_register_commands()
 
 
 def main() -> None:

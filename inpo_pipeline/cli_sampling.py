@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,
     ) -> None:
         """Generate images for a prompt set under one pinned protocol (resumable)."""
+        from inpo_pipeline.sampling import describe_model
         from stages.sample import SampleOptions, run_sample
 
         options = SampleOptions(model=model, prompts=prompts, out=out, unet=unet, lora=lora, seeds=seeds,
@@ -44,9 +45,7 @@ def register(app: typer.Typer) -> None:
             ("folder", summary["out"]),
             ("images", f"{summary['images']} ({summary['prompts']} prompts × {summary['seeds']} seeds): "
                        f"{summary['generated']} generated, {summary['skipped']} already present"),
-            ("model", summary["model"]["model"]
-                      + (f", UNet {summary['model']['unet']}" if summary["model"]["unet"] else "")
-                      + (f", LoRA {summary['model']['lora']}" if summary["model"]["lora"] else "")),
+            ("model", describe_model(summary["model"])),
             ("protocol", f"{protocol['scheduler']} × {protocol['steps']} steps, guidance {protocol['guidance']}, "
                          f"{protocol['resolution']} px, {protocol['dtype']}"),
             ("wall time", f"{summary['seconds']:.1f} s on {summary['device']}"),

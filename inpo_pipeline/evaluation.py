@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.sampling import MANIFEST, read_manifest
+from inpo_pipeline.sampling import MANIFEST, describe_model, read_manifest
 from inpo_pipeline.winrate import grouped_win_rates, summary_stats, win_rate
 
 GROUP_KEYS = ("category", "style")
@@ -155,10 +155,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     two = "B" in folders
     lines = ["# inpo eval", ""]
     for name, folder in folders.items():
-        model = folder.get("model") or {}
-        what = model.get("model", "?") + (f", UNet {model['unet']}" if model.get("unet") else "") \
-            + (f", LoRA {model['lora']}" if model.get("lora") else "")
-        lines.append(f"- **{name}**: `{folder['path']}` ({folder['images']} images; {what})")
+        lines.append(f"- **{name}**: `{folder['path']}` ({folder['images']} images; {describe_model(folder.get('model'))})")
     protocol = report.get("protocol")
     if protocol:
         lines.append(f"- protocol: {protocol.get('scheduler')} × {protocol.get('steps')} steps, guidance "

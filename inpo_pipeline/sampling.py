@@ -81,6 +81,18 @@ def _files_sha256(location: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_unet_fits(pipeline: Any, family: str, where: str) -> None:
+    """The UNet must take this pipeline's text embeddings (and, for SDXL, its size conditioning)."""
+    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == SDXL else [])
+    width = sum(int(encoder.config.hidden_size) for encoder in encoders)
+    config = pipeline.unet.config
+    sdxl_unet = getattr(config, "addition_embed_type", None) == "text_time"
+    if config.cross_attention_dim != width or sdxl_unet != (family == SDXL):
+        raise UserError(f"the UNet from {where} does not fit this {family} pipeline (it expects "
+                        f"{config.cross_attention_dim}-wide text embeddings{', SDXL conditioning' if sdxl_unet else ''}; "
+                        f"the pipeline gives {width}-wide ones)")
+
+
 def load_sampling_pipeline(
     model: str, *, unet: str | None, lora: str | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, dict[str, Any]]:
@@ -92,6 +104,7 @@ def load_sampling_pipeline(
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     family = detect_family(model)
+    lora_location = _lora_location(lora) if lora else None
     parts: dict[str, Any] = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if unet:
         parts["unet"] = load_unet(model, unet).to(dtype)
@@ -102,20 +115,28 @@ def load_sampling_pipeline(
         pipeline = pipeline_class.from_pretrained(model, **parts)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the pipeline {model}: {str(error).strip().splitlines()[0]}") from error
+    _check_unet_fits(pipeline, family, unet or model)
     identity: dict[str, Any] = {
         "model": model, "family": family, "unet": unet, "lora": lora,
         "unet_fingerprint": fingerprint_module(pipeline.unet), "lora_sha256": None,
     }
-    if lora:
-        location = _lora_location(lora)
+    if lora_location is not None:
         try:
-            pipeline.load_lora_weights(str(location))
+            pipeline.load_lora_weights(str(lora_location))
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"cannot load LoRA weights from {location}: {str(error).strip().splitlines()[0]}") from error
-        identity["lora_sha256"] = _files_sha256(location)
+            raise UserError(f"cannot load LoRA weights from {lora_location}: "
+                            f"{str(error).strip().splitlines()[0]}") from error
+        identity["lora_sha256"] = _files_sha256(lora_location)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, identity
+
+
+def describe_model(identity: dict[str, Any] | None) -> str:
+    """One line for a manifest's model identity: the pipeline, and the UNet / LoRA swapped in."""
+    identity = identity or {}
+    return (str(identity.get("model", "?")) + (f", UNet {identity['unet']}" if identity.get("unet") else "")
+            + (f", LoRA {identity['lora']}" if identity.get("lora") else ""))
 
 
 def read_manifest(folder: Path | str) -> list[dict[str, Any]]:

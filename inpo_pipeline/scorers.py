@@ -385,7 +385,7 @@ def load_scorer(spec: ScorerSpec, device: torch.device) -> Scorer:
             import ImageReward  # type: ignore[import-not-found]
         except Exception as error:  # any import failure means the scorer cannot run here
             raise ScorerUnavailable(
-                f"imagereward: the ImageReward package does not import ({type(error).__name__}: "
+                f"the ImageReward package does not import ({type(error).__name__}: "
                 f"{_first_line(error)}); pip install image-reward to use it"
             ) from error
         try:

@@ -11,28 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from inpo_pipeline.cli_sampling import register
-from inpo_pipeline.models import load_unet
 from inpo_pipeline.plots import COLOURS, PANEL, histogram, value_range
 from inpo_pipeline.reporting import Reporter
 from inpo_pipeline.sampling import MANIFEST, read_manifest
 from inpo_pipeline.winrate import wilson_interval
 from stages.evaluate import assign_to_scorers, report_paths
 from stages.sample import SampleOptions, run_sample
-from tests.tiny_scorers import (  # noqa: F401  (fixtures)
-    aesthetic_head,
-    direct_embeddings,
-    hps_checkpoint,
-    openclip_encode_image,
-    openclip_encode_text,
-    openclip_state_dict,
-    tiny_clip,
-)
+from tests.sampling_helpers import perturbed_unet, sampling_cli
+from tests.tiny_scorers import scorer_files  # noqa: F401  (a fixture)
+from tests.tiny_scorers import direct_aesthetic, direct_embeddings, direct_hps
 
 runner = CliRunner()
 PARTI = ("Prompt\tCategory\tChallenge\tNote\n"
@@ -42,14 +32,8 @@ PARTI = ("Prompt\tCategory\tChallenge\tNote\n"
 IMAGEREWARD_MISSING = __import__("importlib.util").util.find_spec("ImageReward") is None
 
 
-def cli() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False)
-    register(app)
-    return app
-
-
 def evaluate(*args: str):
-    return runner.invoke(cli(), ["eval", *args])
+    return runner.invoke(sampling_cli(), ["eval", *args])
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +41,7 @@ def folders(tmp_path_factory, tiny_sd15) -> tuple[Path, Path]:
     """Base and 'aligned' (perturbed UNet) images of 3 Parti-style prompts × 2 seeds."""
     root = tmp_path_factory.mktemp("eval")
     (root / "parti.tsv").write_text(PARTI, encoding="utf-8")
-    unet = load_unet(str(tiny_sd15))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    unet.save_pretrained(root / "run" / "unet")
+    perturbed_unet(tiny_sd15, root / "run" / "unet", seed=5)
     common = dict(model=str(tiny_sd15), prompts=str(root / "parti.tsv"), seeds=2, steps=2, resolution=32, batch_size=6)
     run_sample(SampleOptions(out=str(root / "base"), **common), Reporter(enabled=False))
     run_sample(SampleOptions(out=str(root / "aligned"), unet=str(root / "run" / "unet"), **common), Reporter(enabled=False))
@@ -77,15 +56,15 @@ def direct_pickscores(folder: Path, clip: Path) -> dict[str, float]:
     return {r["file"]: s for r, s in zip(records, scores)}
 
 
-def test_two_folders_pickscore_report(folders, tiny_clip, tmp_path):
+def test_two_folders_pickscore_report(folders, scorer_files, tmp_path):
     base, aligned = folders
     out = tmp_path / "report"
-    result = evaluate(str(base), str(aligned), "--scorer", "pickscore", "--scorer-model", str(tiny_clip),
-                      "--processor", str(tiny_clip), "--out", str(out))
+    result = evaluate(str(base), str(aligned), "--scorer", "pickscore", "--scorer-model", str(scorer_files.clip),
+                      "--processor", str(scorer_files.clip), "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["pairs"], report["unpaired"], report["group_key"]) == (6, {"A": 0, "B": 0}, "category")
-    direct_a, direct_b = direct_pickscores(base, tiny_clip), direct_pickscores(aligned, tiny_clip)
+    direct_a, direct_b = direct_pickscores(base, scorer_files.clip), direct_pickscores(aligned, scorer_files.clip)
     images = report["images"]
     assert [i["file"] for i in images] == [r["file"] for r in read_manifest(base)]
     for image in images:
@@ -95,7 +74,7 @@ def test_two_folders_pickscore_report(folders, tiny_clip, tmp_path):
     b = [i["scores"]["pickscore"]["B"] for i in images]
     assert len(set(a) | set(b)) == 12  # twelve different images: no accidental ties
     section = report["scorers"]["pickscore"]
-    assert section["identity"] == {"scorer": "pickscore", "model": str(tiny_clip), "processor": str(tiny_clip),
+    assert section["identity"] == {"scorer": "pickscore", "model": str(scorer_files.clip), "processor": str(scorer_files.clip),
                                    "backbone": None}
     assert section["A"] == {"n": 6, "mean": statistics.fmean(a), "median": statistics.median(a),
                             "std": pytest.approx(statistics.stdev(a))}
@@ -125,9 +104,9 @@ def test_two_folders_pickscore_report(folders, tiny_clip, tmp_path):
     assert report["plot"] == str(tmp_path / "report.png")
 
 
-def test_a_folder_against_itself_is_all_ties(folders, tiny_clip, tmp_path):
+def test_a_folder_against_itself_is_all_ties(folders, scorer_files, tmp_path):
     base, _ = folders
-    result = evaluate(str(base), str(base), "--scorer", "clip", "--scorer-model", str(tiny_clip),
+    result = evaluate(str(base), str(base), "--scorer", "clip", "--scorer-model", str(scorer_files.clip),
                       "--out", str(tmp_path / "same.json"))
     assert result.exit_code == 0, result.output
     rate = json.loads((tmp_path / "same.json").read_text())["scorers"]["clip"]["win_rate"]
@@ -135,32 +114,25 @@ def test_a_folder_against_itself_is_all_ties(folders, tiny_clip, tmp_path):
     assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(3, 6))
 
 
-def test_one_folder_with_every_scorer(folders, tiny_clip, aesthetic_head, hps_checkpoint, tmp_path):
+def test_one_folder_with_every_scorer(folders, scorer_files, tmp_path):
     base, _ = folders
-    clip = str(tiny_clip)
+    clip = str(scorer_files.clip)
     result = evaluate(
         str(base), "--out", str(tmp_path / "all"),
         "--scorer", "pickscore", "--scorer", "clip", "--scorer", "aesthetic", "--scorer", "hps", "--scorer", "imagereward",
         "--scorer-model", f"pickscore={clip}", "--processor", f"pickscore={clip}", "--scorer-model", f"clip={clip}",
-        "--scorer-model", f"aesthetic={aesthetic_head}", "--backbone", f"aesthetic={clip}",
-        "--scorer-model", f"hps={hps_checkpoint}", "--backbone", f"hps={clip}", "--batch-size", "4",
+        "--scorer-model", f"aesthetic={scorer_files.aesthetic}", "--backbone", f"aesthetic={clip}",
+        "--scorer-model", f"hps={scorer_files.hps}", "--backbone", f"hps={clip}", "--batch-size", "4",
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "all.json").read_text())
     assert "pairs" not in report and list(report["directories"]) == ["A"]
     records = read_manifest(base)
     pictures = [Image.open(base / r["file"]) for r in records]
-    _model, pixels, tokens, image, _text = direct_embeddings(tiny_clip, pictures, [r["prompt"] for r in records])
-    head = torch.load(aesthetic_head, weights_only=True)
-    x = image
-    for i in (0, 2, 4, 6, 7):
-        x = x @ head[f"layers.{i}.weight"].t() + head[f"layers.{i}.bias"]
-    state = openclip_state_dict()
-    hps = torch.nn.functional.cosine_similarity(openclip_encode_image(state, pixels),
-                                                openclip_encode_text(state, tokens.input_ids), dim=-1)
+    _model, pixels, tokens, image, _text = direct_embeddings(scorer_files.clip, pictures, [r["prompt"] for r in records])
     scores = {name: [i["scores"][name]["A"] for i in report["images"]] for name in ("pickscore", "clip", "aesthetic", "hps")}
-    np.testing.assert_allclose(scores["aesthetic"], x.squeeze(-1).numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(scores["hps"], hps.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores["aesthetic"], direct_aesthetic(scorer_files.aesthetic, image), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores["hps"], direct_hps(pixels, tokens.input_ids), rtol=0, atol=1e-5)
     for name, values in scores.items():
         section = report["scorers"][name]
         assert section["A"]["mean"] == statistics.fmean(values) and section["A"]["median"] == statistics.median(values)
@@ -172,7 +144,7 @@ def test_one_folder_with_every_scorer(folders, tiny_clip, aesthetic_head, hps_ch
     if IMAGEREWARD_MISSING:
         assert report["scorers"]["imagereward"]["available"] is False
         assert "ImageReward package does not import" in report["scorers"]["imagereward"]["reason"]
-        assert "- imagereward: imagereward: the ImageReward package does not import" in markdown
+        assert "- imagereward: the ImageReward package does not import" in markdown
 
 
 @pytest.mark.skipif(not IMAGEREWARD_MISSING, reason="ImageReward is installed here")
@@ -184,14 +156,14 @@ def test_only_an_unavailable_scorer_exits_1(folders, tmp_path):
     assert "plot" not in report and not (tmp_path / "ir.png").exists()
 
 
-def test_unpaired_images_and_protocol_mismatch(folders, tiny_clip, tmp_path):
+def test_unpaired_images_and_protocol_mismatch(folders, scorer_files, tmp_path):
     base, aligned = folders
     partial = tmp_path / "partial"
     shutil.copytree(aligned, partial)
     lines = (partial / MANIFEST).read_text(encoding="utf-8").splitlines()
     (partial / MANIFEST).write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
     (partial / "p00002_s1.png").unlink()
-    result = evaluate(str(base), str(partial), "--scorer", "clip", "--scorer-model", str(tiny_clip), "--out",
+    result = evaluate(str(base), str(partial), "--scorer", "clip", "--scorer-model", str(scorer_files.clip), "--out",
                       str(tmp_path / "partial-report"))
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "partial-report.json").read_text())
@@ -204,7 +176,7 @@ def test_unpaired_images_and_protocol_mismatch(folders, tiny_clip, tmp_path):
     for record in records:
         record["protocol"]["steps"] = 3
     (other / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    result = evaluate(str(base), str(other), "--scorer", "clip", "--scorer-model", str(tiny_clip), "--out",
+    result = evaluate(str(base), str(other), "--scorer", "clip", "--scorer-model", str(scorer_files.clip), "--out",
                       str(tmp_path / "x"))
     assert result.exit_code == 2
     assert "error:" in result.output and "different protocols (steps)" in result.output

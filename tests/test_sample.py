@@ -11,11 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from inpo_pipeline.cli_sampling import register
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.example import CAPTIONS
 from inpo_pipeline.models import fingerprint_module, load_unet
@@ -23,20 +21,15 @@ from inpo_pipeline.prompts import read_prompts
 from inpo_pipeline.reporting import Reporter
 from inpo_pipeline.sampling import MANIFEST, image_name, initial_latents, make_scheduler, read_manifest
 from stages.sample import SampleOptions, run_sample
+from tests.sampling_helpers import perturbed_unet, sampling_cli
 
 runner = CliRunner()
 FAST = ["--seeds", "2", "--steps", "2", "--resolution", "32", "--batch-size", "4"]
 FILES = ["p00000_s0.png", "p00000_s1.png", "p00001_s0.png", "p00001_s1.png"]
 
 
-def cli() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False)
-    register(app)
-    return app
-
-
 def sample(model: Path, prompts: Path, out: Path, *extra: str):
-    return runner.invoke(cli(), ["sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+    return runner.invoke(sampling_cli(), ["sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
                                  *FAST, *extra])
 
 
@@ -140,12 +133,8 @@ def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
 
     from inpo_pipeline.policy import LORA_TARGETS, save_policy
 
-    unet = load_unet(str(tiny_sd15))
+    unet = perturbed_unet(tiny_sd15, tmp_path / "run" / "unet", seed=1)
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    unet.save_pretrained(tmp_path / "run" / "unet")
     result = sample(tiny_sd15, prompt_file, tmp_path / "swapped", "--unet", str(tmp_path / "run" / "unet"))
     assert result.exit_code == 0, result.output
     record = read_manifest(tmp_path / "swapped")[0]
@@ -171,7 +160,7 @@ def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
 def test_sdxl_with_dpm_solver(tiny_sdxl, tmp_path):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a bowl of ramen\n")
-    result = runner.invoke(cli(), ["sample", "--model", str(tiny_sdxl), "--prompts", str(prompts), "--out",
+    result = runner.invoke(sampling_cli(), ["sample", "--model", str(tiny_sdxl), "--prompts", str(prompts), "--out",
                                    str(tmp_path / "xl"), "--steps", "2", "--resolution", "32", "--scheduler", "dpm++"])
     assert result.exit_code == 0, result.output
     (record,) = read_manifest(tmp_path / "xl")

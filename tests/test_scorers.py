@@ -23,17 +23,17 @@ from inpo_pipeline.scorers import (
     read_checkpoint,
     resolve_spec,
 )
-from tests.tiny_scorers import (  # noqa: F401  (fixtures)
+from tests.tiny_scorers import (  # noqa: F401  (scorer_files is a fixture)
     LAYERS,
     PROJECTION,
     WIDTH,
-    aesthetic_head,
+    direct_aesthetic,
     direct_embeddings,
-    hps_checkpoint,
+    direct_hps,
     openclip_encode_image,
     openclip_encode_text,
     openclip_state_dict,
-    tiny_clip,
+    scorer_files,
     tiny_clip_config,
 )
 
@@ -50,10 +50,10 @@ def images(seed: int = 0) -> list[Image.Image]:
     return pictures
 
 
-def test_pickscore_is_logit_scale_times_cosine(tiny_clip):
-    scorer = load_scorer(resolve_spec("pickscore", str(tiny_clip), str(tiny_clip)), CPU)
+def test_pickscore_is_logit_scale_times_cosine(scorer_files):
+    scorer = load_scorer(resolve_spec("pickscore", str(scorer_files.clip), str(scorer_files.clip)), CPU)
     scores = scorer.score(images(), PROMPTS)
-    model, _pixels, _tokens, image, text = direct_embeddings(tiny_clip, images(), PROMPTS)
+    model, _pixels, _tokens, image, text = direct_embeddings(scorer_files.clip, images(), PROMPTS)
     expected = (image * text).sum(-1) * model.logit_scale.exp()
     assert model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
     np.testing.assert_allclose(scores, expected.numpy(), rtol=0, atol=1e-5)
@@ -62,10 +62,10 @@ def test_pickscore_is_logit_scale_times_cosine(tiny_clip):
     np.testing.assert_allclose(alone, scores, rtol=0, atol=5e-5)  # float32 rounding at a scale of 100
 
 
-def test_clip_score_is_100_times_positive_cosine(tiny_clip):
-    scorer = load_scorer(resolve_spec("clip", str(tiny_clip)), CPU)
+def test_clip_score_is_100_times_positive_cosine(scorer_files):
+    scorer = load_scorer(resolve_spec("clip", str(scorer_files.clip)), CPU)
     scores = scorer.score(images(1), PROMPTS)
-    _model, _pixels, _tokens, image, text = direct_embeddings(tiny_clip, images(1), PROMPTS)
+    _model, _pixels, _tokens, image, text = direct_embeddings(scorer_files.clip, images(1), PROMPTS)
     cosine = (image * text).sum(-1).numpy()
     np.testing.assert_allclose(scores, 100 * np.maximum(cosine, 0), rtol=0, atol=1e-5)
 
@@ -80,18 +80,15 @@ def test_clip_pair_score_formulas_on_hand_made_embeddings():
     assert clip_pair_scores(output, "hps").tolist() == pytest.approx([0.6, 1.0, -1.0])
 
 
-def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tiny_clip, aesthetic_head):
-    scorer = load_scorer(resolve_spec("aesthetic", str(aesthetic_head), backbone=str(tiny_clip)), CPU)
+def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(scorer_files):
+    scorer = load_scorer(resolve_spec("aesthetic", str(scorer_files.aesthetic), backbone=str(scorer_files.clip)), CPU)
     scores = scorer.score(images(2), PROMPTS)
-    _model, _pixels, _tokens, image, _text = direct_embeddings(tiny_clip, images(2), PROMPTS)
-    head = torch.load(aesthetic_head, weights_only=True)
+    _model, _pixels, _tokens, image, _text = direct_embeddings(scorer_files.clip, images(2), PROMPTS)
+    head = torch.load(scorer_files.aesthetic, weights_only=True)
     assert sorted(head) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
     assert [tuple(head[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)] == \
         [(1024, PROJECTION), (128, 1024), (64, 128), (16, 64), (1, 16)]
-    x = image
-    for i in (0, 2, 4, 6, 7):  # no activations between the layers; dropout is off in eval
-        x = x @ head[f"layers.{i}.weight"].t() + head[f"layers.{i}.bias"]
-    np.testing.assert_allclose(scores, x.squeeze(-1).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, direct_aesthetic(scorer_files.aesthetic, image), rtol=0, atol=1e-5)
 
 
 def test_openclip_key_mapping():
@@ -133,11 +130,11 @@ def test_openclip_key_mapping():
         openclip_to_transformers({**state, "visual.trunk.blocks.0.weight": torch.zeros(1)})
 
 
-def test_hps_score_matches_open_clips_own_forward(tiny_clip, hps_checkpoint):
+def test_hps_score_matches_open_clips_own_forward(scorer_files):
     """Mapped into transformers, the checkpoint embeds images and text exactly as open_clip would."""
     state = openclip_state_dict()
-    model = load_hps_model(str(hps_checkpoint), str(tiny_clip))
-    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    model = load_hps_model(str(scorer_files.hps), str(scorer_files.clip))
+    processor = CLIPProcessor.from_pretrained(scorer_files.clip)
     pixels = processor(images=[p.convert("RGB") for p in images(3)], return_tensors="pt")["pixel_values"]
     tokens = processor.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
@@ -149,9 +146,8 @@ def test_hps_score_matches_open_clips_own_forward(tiny_clip, hps_checkpoint):
     np.testing.assert_allclose(ours.text_embeds.numpy(), (text / text.norm(dim=-1, keepdim=True)).numpy(), atol=1e-5)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     # the scorer: HPSv2's score is the cosine (image_features @ text_features.T, diagonal)
-    scorer = load_scorer(resolve_spec("hps", str(hps_checkpoint), backbone=str(tiny_clip)), CPU)
-    cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1)
-    np.testing.assert_allclose(scorer.score(images(3), PROMPTS), cosine.numpy(), rtol=0, atol=1e-5)
+    scorer = load_scorer(resolve_spec("hps", str(scorer_files.hps), backbone=str(scorer_files.clip)), CPU)
+    np.testing.assert_allclose(scorer.score(images(3), PROMPTS), direct_hps(pixels, tokens), rtol=0, atol=1e-5)
 
 
 def test_checkpoints_are_read_weights_only(tmp_path):
@@ -165,12 +161,12 @@ def test_checkpoints_are_read_weights_only(tmp_path):
         read_checkpoint(tmp_path / "missing.pt")
 
 
-def test_hps_checkpoint_of_another_size_is_refused(tmp_path, tiny_clip):
+def test_hps_checkpoint_of_another_size_is_refused(tmp_path, scorer_files):
     state = openclip_state_dict()
     state["visual.proj"] = torch.zeros(WIDTH, PROJECTION + 1)
     torch.save({"state_dict": state}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="does not fit the CLIP architecture"):
-        load_hps_model(str(tmp_path / "other.pt"), str(tiny_clip))
+        load_hps_model(str(tmp_path / "other.pt"), str(scorer_files.clip))
 
 
 def test_defaults_and_required_files():

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,16 @@ def direct_embeddings(folder: Path, pictures: list, prompts: list[str]) -> tuple
     return model, pixels, tokens, image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
 
+def direct_aesthetic(head_file: Path, image: torch.Tensor) -> np.ndarray:
+    """The LAION head by hand on normalised image embeddings: five affine maps, no activations
+    (dropout is off at evaluation)."""
+    head = torch.load(head_file, weights_only=True)
+    x = image
+    for i in (0, 2, 4, 6, 7):
+        x = x @ head[f"layers.{i}.weight"].t() + head[f"layers.{i}.bias"]
+    return x.squeeze(-1).numpy()
+
+
 # --------------------------------------------------------------------- open_clip's forward
 def _resblock(state: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """open_clip ResidualAttentionBlock: x + attn(ln_1(x)); x + c_proj(gelu(c_fc(ln_2(x))))."""
@@ -152,20 +164,23 @@ def openclip_encode_text(state: dict[str, torch.Tensor], tokens: torch.Tensor) -
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ state["text_projection"]
 
 
+def direct_hps(pixels: torch.Tensor, tokens: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """HPSv2's score by open_clip's forward on `openclip_state_dict(seed)`: the embeddings' cosine."""
+    state = openclip_state_dict(seed)
+    image, text = openclip_encode_image(state, pixels), openclip_encode_text(state, tokens)
+    return F.cosine_similarity(image, text, dim=-1).numpy()
+
+
 # --------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("scorers") / "tiny-clip")
+class ScorerFiles(NamedTuple):
+    clip: Path  # CLIPModel + CLIPProcessor folder
+    aesthetic: Path  # the aesthetic head's .pth
+    hps: Path  # HPS_v2_compressed.pt's layout: {"state_dict": open_clip weights, ...}
 
 
 @pytest.fixture(scope="session")
-def aesthetic_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_aesthetic_head(tmp_path_factory.mktemp("scorers") / "aesthetic-head.pth")
-
-
-@pytest.fixture(scope="session")
-def hps_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """HPS_v2_compressed.pt's layout: {"state_dict": open_clip weights, ...}."""
-    path = tmp_path_factory.mktemp("scorers") / "HPS_tiny.pt"
-    torch.save({"state_dict": openclip_state_dict(), "epoch": 1, "name": "tiny"}, path)
-    return path
+def scorer_files(tmp_path_factory: pytest.TempPathFactory) -> ScorerFiles:
+    folder = tmp_path_factory.mktemp("scorers")
+    torch.save({"state_dict": openclip_state_dict(), "epoch": 1, "name": "tiny"}, folder / "HPS_tiny.pt")
+    return ScorerFiles(build_tiny_clip(folder / "tiny-clip"), write_aesthetic_head(folder / "aesthetic-head.pth"),
+                       folder / "HPS_tiny.pt")
