@@ -7,8 +7,10 @@ shard comes out bit-identical however the work was split.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,7 @@ from inpo_pipeline.models import SDXL, ReferenceModel, sdxl_time_ids, unet_noise
 from inpo_pipeline.plan import noise_seed
 
 PromptLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,10 @@ def invert_shard(
         steps_taken[job.row] = len(job.positions) - 1
         t = torch.tensor([int(plan.timestep[job.row])])
         x0 = clean[int(plan.source_row[job.row])][job.image].unsqueeze(0)
-        latent_t[job.row, job.image] = job.latent
+        latent_t[job.row, job.image] = job.latent.cpu()
         target[job.row, job.image] = ddim.single_step_target(
             job.latent.unsqueeze(0), x0, ddim.alpha_bar_at(alphas, t)
-        )[0]
+        )[0].cpu()
 
     # e_ref is computed from exactly what will be read back (DESIGN §2, cache properties)
     stored_latent = torch.from_numpy(round_to_storage(latent_t.numpy(), config.storage_dtype))
@@ -186,13 +189,15 @@ def _prepare_pairs(
     plan: RowPlan, records: Mapping[int, PairRecord], resolution: int
 ) -> dict[int, tuple[PreparedImage, PreparedImage] | None]:
     """Decoded chosen/rejected images per source row; None drops the pair as a whole."""
-    prepared: dict[int, tuple[PreparedImage, PreparedImage] | None] = {}
-    for source_row in sorted({int(s) for s in plan.source_row}):
-        record = records[source_row]
-        chosen = prepare_image(record.chosen, resolution)
-        rejected = prepare_image(record.rejected, resolution) if chosen is not None else None
-        prepared[source_row] = (chosen, rejected) if chosen is not None and rejected is not None else None
-    return prepared
+    source_rows = sorted({int(s) for s in plan.source_row})
+    images = [(records[row].chosen, records[row].rejected) for row in source_rows]
+    # PIL releases the GIL while decoding and resizing, so threads use every core
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+        decoded = list(pool.map(lambda pair: [prepare_image(data, resolution) for data in pair], images))
+    return {
+        row: (chosen, rejected) if chosen is not None and rejected is not None else None
+        for row, (chosen, rejected) in zip(source_rows, decoded)
+    }
 
 
 def _encode_pairs(
@@ -207,7 +212,7 @@ def _encode_pairs(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         pixels = torch.from_numpy(np.stack([item[2] for item in batch])).to(device)
-        encoded = reference.encode_images(pixels).cpu()
+        encoded = reference.encode_images(pixels)
         for (row, image, _), latent in zip(batch, encoded):
             latents[(row, image)] = latent
     return {row: (latents[(row, 0)], latents[(row, 1)]) for row, pair in prepared.items() if pair}
@@ -249,12 +254,12 @@ def _invert_batch(
             noise_uncond, noise_cond = both.chunk(2)
             guided = ddim.guided_noise(noise_uncond, noise_cond, config.guidance)
         moved = ddim.inversion_step(
-            latents, guided.cpu(), ddim.alpha_bar_at(alphas, here), ddim.alpha_bar_at(alphas, there)
+            latents, guided.to(latents.device), ddim.alpha_bar_at(alphas, here), ddim.alpha_bar_at(alphas, there)
         ).float()
         for index, job in enumerate(active):
             job.latent = moved[index]
             if config.eta > 0:
-                job.latent = job.latent + config.eta * noises[id(job)][step]
+                job.latent = job.latent + config.eta * noises[id(job)][step].to(job.latent.device)
 
 
 def _reference_errors(
