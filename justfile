@@ -9,7 +9,7 @@ install:
     test -x {{bin}}/python || {{python}} -m venv {{venv}}
     {{bin}}/python -m pip install --quiet --upgrade pip
     {{bin}}/python -m pip install --quiet "torch==2.13.0"
-    {{bin}}/python -m pip install --quiet -e ".[test]"
+    {{bin}}/python -m pip install --quiet -e ".[test,hub]"
 
 # The built-in example end to end: tiny model + generated Pick-a-Pic data -> invert -> cache info.
 example out="example-output": install

@@ -89,6 +89,8 @@ def test_training_lowers_the_loss_and_raises_accuracy(sd15_store, tmp_path):
     assert record["options"]["beta"] == 2000.0 and record["options"]["optimizer"] == "adamw"
     assert record["store"]["settings"]["unet_fingerprint"] == store.settings["unet_fingerprint"]
     assert "effective batch 8 = 4 per device × 1 process(es) × 2 accumulation" in result.output
+    pytest.importorskip("tensorboard")
+    assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs are written when tensorboard is installed"
 
 
 def test_sdxl_defaults_and_export(sdxl_store, tmp_path):
