@@ -89,27 +89,27 @@ def _part_location(path: str, subfolder: str) -> tuple[str, str | None]:
     return path, subfolder
 
 
+def _load_part(model_class: Any, label: str, subfolder: str, model: str, override: str | None) -> torch.nn.Module:
+    """One frozen float32 part: from `override` (a part or pipeline folder) or MODEL/subfolder."""
+    location, folder = _part_location(override, subfolder) if override else (model, subfolder)
+    try:
+        part = model_class.from_pretrained(location, subfolder=folder, torch_dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a {label} from {location}: {str(error).splitlines()[0]}") from error
+    return part.eval().requires_grad_(False)
+
+
 def load_unet(model: str, unet_path: str | None = None) -> torch.nn.Module:
     """The reference (or starting) UNet in float32, in eval mode, gradients off."""
     from diffusers import UNet2DConditionModel
 
-    location, subfolder = _part_location(unet_path, "unet") if unet_path else (model, "unet")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a UNet from {location}: {str(error).splitlines()[0]}") from error
-    return unet.eval().requires_grad_(False)
+    return _load_part(UNet2DConditionModel, "UNet", "unet", model, unet_path)
 
 
 def load_vae(model: str, vae_path: str | None = None) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    location, subfolder = _part_location(vae_path, "vae") if vae_path else (model, "vae")
-    try:
-        vae = AutoencoderKL.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a VAE from {location}: {str(error).splitlines()[0]}") from error
-    return vae.eval().requires_grad_(False)
+    return _load_part(AutoencoderKL, "VAE", "vae", model, vae_path)
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:

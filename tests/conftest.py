@@ -31,6 +31,15 @@ def pickapic(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pickapic.parquet", num_pairs=24, seed=0)
 
 
+def accelerate_launch(processes: int, *inpo_arguments: str) -> list[str]:
+    """`accelerate launch --multi_gpu` of `python -m inpo_pipeline ...`: CPU ranks over gloo here."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(29500 + os.getpid() % 2000), "-m", "inpo_pipeline", *inpo_arguments]
+
+
 def cli_env() -> dict[str, str]:
     """Environment for `python -m inpo_pipeline` subprocesses: one thread, no GPU."""
     env = dict(os.environ)

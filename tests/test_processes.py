@@ -5,8 +5,6 @@ Both must give a store bit-identical to one uninterrupted single-process run.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 
 from cache_schema import CacheStore
-from tests.conftest import cli_env
+from tests.conftest import accelerate_launch, cli_env
 
 ARGS = ["--resolution", "32", "--rows-per-shard", "2", "--shards-per-window", "2", "--batch-size", "4",
         "--timesteps-per-pair", "2"]
@@ -51,10 +49,7 @@ def reference_store(tmp_path_factory, tiny_sd15, pickapic) -> Path:
 
 def test_two_accelerate_processes_equal_one(reference_store, tiny_sd15, pickapic, tmp_path):
     out = tmp_path / "two-processes.zarr"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "inpo_pipeline",
-              *invert_command(tiny_sd15, pickapic["path"], out)[3:]]
+    launch = accelerate_launch(2, *invert_command(tiny_sd15, pickapic["path"], out)[3:])
     result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from inpo_pipeline.cli import app
 from inpo_pipeline.example import build_tiny_sd15
 from inpo_pipeline.models import load_unet
 from inpo_pipeline.policy import preference_metrics
-from tests.conftest import cli_env
+from tests.conftest import accelerate_launch, cli_env
 
 runner = CliRunner()
 INVERT = ["--resolution", "32", "--rows-per-shard", "8", "--shards-per-window", "2", "--batch-size", "16",
@@ -246,10 +245,8 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(sd15_sto
     subprocess.run(_train_command(sd15_store, one, "--steps", "3", "--batch-size", "4", "--grad-accum", "1"),
                    env=cli_env(), check=True, capture_output=True, timeout=600)
     two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(30500 + os.getpid() % 1000), "-m", "inpo_pipeline",
-              *_train_command(sd15_store, two, "--steps", "3", "--batch-size", "2", "--grad-accum", "1")[3:]]
+    launch = accelerate_launch(2, *_train_command(sd15_store, two, "--steps", "3", "--batch-size", "2",
+                                                  "--grad-accum", "1")[3:])
     result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 per device × 2 process(es) × 1 accumulation" in result.stderr
