@@ -120,7 +120,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-2,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory in the UNet.")] = False,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory in the UNet (default: on for SDXL, off for SD1.5).")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 100,
     keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (newest).")] = 2,

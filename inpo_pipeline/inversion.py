@@ -81,7 +81,8 @@ class _Job:
 
 def _timed_unet(reference: ReferenceModel, counter: WorkCounter, capacity: int, *args: torch.Tensor | None) -> torch.Tensor:
     start = time.perf_counter()
-    noise = unet_noise(reference.unet, *args).float()  # type: ignore[arg-type]
+    with reference.autocast():
+        noise = unet_noise(reference.unet, *args).float()  # type: ignore[arg-type]
     if noise.is_cuda:
         torch.cuda.synchronize(noise.device)
     counter.seconds_in_unet += time.perf_counter() - start
@@ -145,20 +146,20 @@ def invert_shard(
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start : start + config.batch_size]
         _invert_batch(reference, batch, conditioning, config, alphas, plan, counter)
-    latent_t = torch.zeros((num_rows, 2, c, h, w))
-    target = torch.zeros((num_rows, 2, c, h, w))
+    stored_latent = torch.zeros((num_rows, 2, c, h, w))
+    stored_target = torch.zeros((num_rows, 2, c, h, w))
     for job in jobs:
         steps_taken[job.row] = len(job.positions) - 1
         t = torch.tensor([int(plan.timestep[job.row])])
-        x0 = clean[int(plan.source_row[job.row])][job.image].unsqueeze(0)
-        latent_t[job.row, job.image] = job.latent.cpu()
-        target[job.row, job.image] = ddim.single_step_target(
-            job.latent.unsqueeze(0), x0, ddim.alpha_bar_at(alphas, t)
-        )[0].cpu()
+        x0 = clean[int(plan.source_row[job.row])][job.image].unsqueeze(0).cpu()
+        # τ from the x_t as stored, so that the stored pair satisfies x_t = √ā·x0 + √(1−ā)·τ
+        # up to τ's own rounding (1/√(1−ā) would amplify x_t's rounding ~34× at t = 0)
+        latent = torch.from_numpy(round_to_storage(job.latent.cpu().numpy(), config.storage_dtype))
+        target = ddim.single_step_target(latent.unsqueeze(0), x0, ddim.alpha_bar_at(alphas, t))[0]
+        stored_latent[job.row, job.image] = latent
+        stored_target[job.row, job.image] = torch.from_numpy(round_to_storage(target.numpy(), config.storage_dtype))
 
     # e_ref is computed from exactly what will be read back (DESIGN §2, cache properties)
-    stored_latent = torch.from_numpy(round_to_storage(latent_t.numpy(), config.storage_dtype))
-    stored_target = torch.from_numpy(round_to_storage(target.numpy(), config.storage_dtype))
     errors = _reference_errors(
         reference, stored_latent, stored_target, valid, plan, conditioning, config.batch_size, counter
     )

@@ -210,6 +210,16 @@ class ReferenceModel:
     unet_path: str | None = None
     vae_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: torch.dtype = torch.float32
+
+    def autocast(self) -> Any:
+        """The precision context of every UNet call (see :meth:`to`)."""
+        import contextlib
+
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        device = next(self.unet.parameters()).device
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -241,9 +251,14 @@ class ReferenceModel:
             )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ReferenceModel:
+        """Move the parts to `device`; UNet calls then run in `dtype` under autocast.
+
+        The weights stay float32 and reduced precision comes from autocast, exactly as
+        `inpo train --mixed-precision bf16|fp16` runs the policy: the cached e_ref and the
+        trainer's e_θ then carry the same rounding, and the step-0 loss stays log 2.
+        """
         self.unet.to(device=device)
-        if dtype != torch.float32:
-            self.unet.to(dtype=dtype)
+        self.compute_dtype = dtype
         if self.vae is not None:
             # the VAE stays float32: SD's VAE overflows in fp16 and encoding is a small cost
             self.vae.to(device=device)

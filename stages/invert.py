@@ -78,15 +78,16 @@ class InvertOptions:
 def store_settings(options: InvertOptions, reference: ReferenceModel, resolution: int, data_identity: dict[str, Any]) -> dict[str, Any]:
     """The settings a store is made with; a resume must match all of them."""
     return {
-        "model": options.model,
+        "model": _resolved(options.model),
         "family": reference.family,
-        "unet": options.unet,
-        "vae": options.vae,
+        "unet": _resolved(options.unet),
+        "vae": _resolved(options.vae),
         "unet_fingerprint": reference.unet_fingerprint,
         "scheduler": reference.scheduler_config,
         "resolution": resolution,
         "storage_dtype": options.dtype,
         "compute_dtype": options.compute_dtype,
+        "batch_size": options.batch_size,
         "timestep_mode": options.timestep_mode,
         "inversion_steps": options.inversion_steps,
         "inversion_guidance": options.inversion_guidance,
@@ -99,6 +100,13 @@ def store_settings(options: InvertOptions, reference: ReferenceModel, resolution
         "shards_per_window": options.shards_per_window,
         "prompts_per_chunk": options.prompts_per_chunk,
     }
+
+
+def _resolved(location: str | None) -> str | None:
+    """A local folder as an absolute path (so `./m` and `/abs/m` are one model); hub ids as is."""
+    if location is not None and os.path.exists(location):
+        return os.path.abspath(location)
+    return location
 
 
 def _settings_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

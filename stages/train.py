@@ -55,7 +55,7 @@ class TrainOptions:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     lora_rank: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -92,6 +92,8 @@ class TrainOptions:
         values["beta"] = self.beta if self.beta is not None else DEFAULT_BETA[family]
         values["lr"] = self.lr if self.lr is not None else LR_PER_SAMPLE * effective_batch
         values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
+        if self.gradient_checkpointing is None:
+            values["gradient_checkpointing"] = family == SDXL
         return TrainOptions(**values)
 
 
@@ -135,7 +137,12 @@ def _comparable(options: TrainOptions) -> dict[str, Any]:
     return values
 
 
-def _prepare_run_dir(options: TrainOptions, is_main: bool) -> Path | None:
+def _prepare_run_dir(options: TrainOptions, is_main: bool, identity: dict[str, Any]) -> Path | None:
+    """Check the run folder; returns the checkpoint to resume from, if any.
+
+    `identity` is what else a resume must share with the original run: the process count, the
+    effective batch and the store (its settings and creation time).
+    """
     run_dir = Path(options.out)
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if occupied and not options.resume:
@@ -144,9 +151,17 @@ def _prepare_run_dir(options: TrainOptions, is_main: bool) -> Path | None:
         previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else None
         if previous is not None:
             differences = [k for k, v in _comparable(options).items() if previous["options"].get(k) != v]
+            differences += [k for k, v in identity.items() if previous.get("identity", {}).get(k) != v]
             if differences:
-                raise UserError(f"--resume with other settings than the run in {run_dir} ({', '.join(differences)})")
-        return _newest_checkpoint(run_dir)
+                raise UserError(f"--resume with other settings than the run in {run_dir} ({', '.join(differences)}); "
+                                "resume with the same store, processes and options, or choose another --out")
+        checkpoint = _newest_checkpoint(run_dir)
+        if checkpoint is not None:
+            reached = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+            if reached > options.steps:
+                raise UserError(f"--steps {options.steps} is below the checkpoint's step {reached}; "
+                                f"give --steps {reached} or more")
+        return checkpoint
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     return None
@@ -169,6 +184,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     settings = store.settings
     family = settings["family"]
 
+    _forget_other_precision(options.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision, gradient_accumulation_steps=options.grad_accum,
         cpu=not torch.cuda.is_available(), log_with=_trackers(), project_dir=options.out,
@@ -183,7 +199,10 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         raise UserError(f"{options.cache} has {len(rows)} usable rows, fewer than one global batch "
                         f"({options.batch_size} × {accelerator.num_processes} processes); lower --batch-size")
 
-    checkpoint = _prepare_run_dir(options, accelerator.is_main_process)
+    identity = {"num_processes": accelerator.num_processes, "effective_batch": effective_batch,
+                "store_settings": json.loads(json.dumps(settings, default=str)),
+                "store_created_at": store.provenance.get("created_at")}
+    checkpoint = _prepare_run_dir(options, accelerator.is_main_process, identity)
     accelerator.wait_for_everyone()
     run_dir = Path(options.out)
     reporter.line(
@@ -196,6 +215,14 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         + (f"LoRA rank {options.lora_rank}" if options.lora_rank else "full fine-tuning")
         + f", mixed precision {options.mixed_precision}"
     )
+
+    expected_precision = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}.get(settings.get("compute_dtype"))
+    if expected_precision and expected_precision != options.mixed_precision:
+        reporter.line(
+            f"warning: the store's reference errors were computed with compute dtype {settings['compute_dtype']} "
+            f"but this run uses --mixed-precision {options.mixed_precision}: the step-0 loss will differ from "
+            f"log 2 by rounding noise × β; use --mixed-precision {expected_precision} for exact agreement"
+        )
 
     set_seed(options.seed)
     policy = load_policy(settings, options.lora_rank)
@@ -212,7 +239,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         start_step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         reporter.line(f"resuming from {checkpoint} (step {start_step})")
     if accelerator.is_main_process:
-        _write_run_file(run_dir, options, effective_batch, store, status="running")
+        _write_run_file(run_dir, options, effective_batch, store, status="running", identity=identity)
         if start_step == 0:
             (run_dir / METRICS_FILE).write_text("")
         else:
@@ -235,9 +262,22 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         if options.export_pipeline:
             result["pipeline"] = str(export_pipeline(settings["model"], run_dir, family, options.lora_rank,
                                                      settings.get("unet"), settings.get("vae")))
-        _write_run_file(run_dir, options, effective_batch, store, status="finished", final=metrics)
+        _write_run_file(run_dir, options, effective_batch, store, status="finished", final=metrics,
+                        identity=identity)
     accelerator.end_training()
     return result
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let one process run several trainings with different precisions (sweeps, the demo).
+
+    accelerate keeps one AcceleratorState per process and refuses a second precision; the
+    process group itself (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def _trackers() -> list[str] | None:
@@ -249,10 +289,10 @@ def _trackers() -> list[str] | None:
 
 
 def _write_run_file(run_dir: Path, options: TrainOptions, effective_batch: int, store: CacheStore,
-                    status: str, final: dict[str, Any] | None = None) -> None:
+                    status: str, identity: dict[str, Any], final: dict[str, Any] | None = None) -> None:
     record = {
         "status": status, "updated_at": now_iso(), "inpo_version": inpo_pipeline.__version__,
-        "options": asdict(options), "effective_batch": effective_batch,
+        "options": asdict(options), "effective_batch": effective_batch, "identity": identity,
         "store": {"path": str(Path(options.cache).resolve()), "settings": store.settings,
                   "provenance": store.provenance},
         "final_metrics": final,
@@ -318,12 +358,20 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable_parameters(policy), options.max_grad_norm)
+                    # fp16's loss scaler skips such steps by design; anywhere else they would
+                    # write NaN into the weights (and the next checkpoint)
+                    if options.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                        raise TrainingDiverged(
+                            f"the gradient became non-finite at step {step + 1}; the last good checkpoint in "
+                            f"{run_dir / CHECKPOINTS} is kept — lower --lr or --beta"
+                        )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
             step += 1
             elapsed = time.perf_counter() - step_started
             step_started = time.perf_counter()

@@ -256,3 +256,29 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(sd15_sto
     assert worst < 1e-3
     losses = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert np.allclose(*losses, rtol=1e-4)
+
+
+def test_mixed_precision_step_zero_matches_when_the_store_used_the_same_precision(tiny_sdxl, pickapic, tmp_path):
+    """e_ref computed under bf16 autocast (fp32 weights) agrees with `--mixed-precision bf16` training."""
+    store = tmp_path / "bf16.zarr"
+    result = runner.invoke(app, ["invert", "--model", str(tiny_sdxl), "--data", str(pickapic["path"]), "--out",
+                                 str(store), "--resolution", "32", "--rows-per-shard", "8", "--batch-size", "8",
+                                 "--compute-dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    matched = train(store, tmp_path / "matched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1",
+                    "--mixed-precision", "bf16", "--prompt-dropout", "0.5")
+    assert matched.exit_code == 0, matched.output
+    assert "warning" not in matched.output
+    assert metrics(tmp_path / "matched")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    mismatched = train(store, tmp_path / "mismatched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1")
+    assert mismatched.exit_code == 0 and "--mixed-precision bf16 for exact agreement" in mismatched.output
+
+
+def test_resume_refuses_fewer_steps_and_another_store(sd15_store, tiny_sd15, pickapic, tmp_path):
+    run = tmp_path / "run"
+    assert train(sd15_store, run, "--steps", "4", "--checkpoint-every", "2").exit_code == 0
+    fewer = train(sd15_store, run, "--steps", "3", "--resume")
+    assert fewer.exit_code == 2 and "--steps 3 is below the checkpoint's step 4" in fewer.output
+    other_store = make_store(tiny_sd15, pickapic["path"], tmp_path / "other.zarr")
+    moved = train(other_store, run, "--steps", "6", "--resume", "--checkpoint-every", "2")
+    assert moved.exit_code == 2 and "store_created_at" in moved.output.replace("\n", "")
