@@ -11,7 +11,11 @@ install:
     {{bin}}/python -m pip install --quiet "torch==2.13.0"
     {{bin}}/python -m pip install --quiet -e ".[test,hub]"
 
-# The built-in example end to end: tiny model + generated Pick-a-Pic data -> invert -> cache info.
+# The whole story in the small world: base model -> preference data -> invert -> train -> sample -> score.
+demo out="demo-output": install
+    {{bin}}/inpo demo --out {{out}}
+
+# The built-in example end to end: tiny model + generated Pick-a-Pic data -> invert -> train.
 example out="example-output": install
     {{bin}}/inpo example --out {{out}}
     {{bin}}/inpo cache info {{out}}/store-sd15.zarr
@@ -20,7 +24,7 @@ example out="example-output": install
 test *args: install
     {{bin}}/python -m pytest {{args}}
 
-# Tests marked slow (long end-to-end runs), kept out of the default suite.
+# Tests marked slow (the reduced demo: win rate and shuffled control), kept out of the default suite; CI runs them too.
 test-slow *args: install
     {{bin}}/python -m pytest -m slow {{args}}
 

@@ -235,9 +235,11 @@ def example(
 
 def _register_commands() -> None:
     """Commands defined next to their stages' option sets."""
+    from inpo_pipeline.cli_demo import register as register_demo
     from inpo_pipeline.cli_sampling import register as register_sampling
 
     register_sampling(app)
+    register_demo(app)
 
 
 def _quiet_libraries() -> None:

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         eval_seeds: Annotated[int, typer.Option(help="Seeds per held-out prompt (6 prompts) for the evaluation.")] = 40,
         controls: Annotated[bool, typer.Option(help="Also train on shuffled and on reversed labels.")] = True,
         beta: Annotated[float, typer.Option(help="β of the InPO loss.")] = 2000.0,
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+        lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
         batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step.")] = 16,
         warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 10,
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         """Sample base and trained UNets on held-out prompts with the same seeds; reward, win rate, CIs."""
         from inpo_pipeline.errors import UserError
         from inpo_pipeline.world import SamplerSettings
-        from stages.demo import evaluate, print_comparisons, run_unet, write_grid, write_reward_plot
+        from stages.demo import ensure_world, evaluate, print_comparisons, run_unet, write_grid, write_reward_plot
 
         unets = {}
         for spec in run:
@@ -124,11 +124,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"{path} is not a finished `inpo train` run (no unet/config.json)")
             unets[name] = run_unet(path, int(step) if step else None)
         reporter = Reporter()
-        reporter.console.file = __import__("sys").stdout
-        folder = Path(model) if model else None
-        from stages.demo import ensure_world
-
-        evaluation = evaluate(ensure_world(str(folder) if folder else None, False, reporter), unets, eval_seeds,
+        evaluation = evaluate(ensure_world(model, False, reporter), unets, eval_seeds,
                               SamplerSettings(sample_steps, guidance), reporter)
         comparisons = evaluation.comparisons()
         print_comparisons(reporter, comparisons, f"{evaluation.base.size} held-out samples")

@@ -22,7 +22,7 @@ import torch
 from inpo_pipeline import world
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.world import LABELINGS, SamplerSettings
+from inpo_pipeline.world import SamplerSettings
 
 DATA_SEED_BASE = 1_000_000
 """Seeds of the preference data's samples start here; evaluation seeds are 0, 1, 2, … (disjoint)."""
@@ -181,7 +181,7 @@ class DemoOptions:
     eval_seeds: int = 40
     controls: bool = True
     beta: float = 2000.0
-    lr: float = 1e-4
+    lr: float = 3e-5
     steps: int = 100
     batch_size: int = 16
     grad_accum: int = 1
@@ -378,6 +378,3 @@ def write_reward_plot(path: Path, evaluation: Evaluation) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, optimize=True)
     return path
-
-
-LABELING_CHOICES = LABELINGS
