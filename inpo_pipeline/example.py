@@ -61,6 +61,18 @@ CAPTIONS = (
 """Caption pool, cycled so that every caption is used by several pairs: unicode and emoji, empty,
 odd whitespace, quotes and commas (CSV quoting), and one far beyond 77 tokens (truncation)."""
 
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32,
+)
+"""diffusers' tiny test UNet (block channels 32, 64), shared by the SD1.5 and SDXL fixtures."""
+
 BROKEN_IMAGE = b"not an image"
 
 PICKAPIC_SCHEMA = pa.schema(
@@ -184,17 +196,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = build_tiny_tokenizer(path / "tokenizer")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN_SIZE,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=TEXT_HIDDEN_SIZE)
     torch.manual_seed(seed)
     vae = _tiny_vae(scaling_factor=0.18215)
     torch.manual_seed(seed)
@@ -224,13 +226,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     tokenizer = build_tiny_tokenizer(path / "tokenizer")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -238,7 +234,6 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN_SIZE,
         cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
-        norm_num_groups=32,
     )
     torch.manual_seed(seed)
     vae = _tiny_vae(scaling_factor=0.13025)
