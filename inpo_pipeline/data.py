@@ -19,6 +19,7 @@ import io
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,21 +64,22 @@ def _preference(label_0: Any, label_1: Any) -> int | None:
     return 0 if first > second else 1
 
 
-class PairSource:
+class PairSource(ABC):
     """Interface of a preference data source."""
 
     kind: str = ""
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
         """What identifies the data (recorded in the store, compared on resume)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scan(self) -> Iterator[ScannedRow]:
-        raise NotImplementedError
+        """The cheap facts of every source row, in order."""
 
+    @abstractmethod
     def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
         """Records of `source_rows` (sorted ascending, unique), in that order."""
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------- parquet

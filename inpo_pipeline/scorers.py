@@ -20,6 +20,7 @@ Every scorer maps a batch of (image, prompt) pairs to one float each: :meth:`Sco
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def resolve_spec(name: str, model: str | None = None, processor: str | None = No
     return ScorerSpec(name, model or IMAGEREWARD_MODEL)
 
 
-class Scorer:
+class Scorer(ABC):
     """Scores (image, prompt) pairs; higher is better."""
 
     name = ""
@@ -90,8 +91,9 @@ class Scorer:
         return {"scorer": self.spec.name, "model": self.spec.model, "processor": self.spec.processor,
                 "backbone": self.spec.backbone}
 
+    @abstractmethod
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        raise NotImplementedError
+        """One score per (image, prompt)."""
 
 
 # ------------------------------------------------------------------------------ CLIP scores

@@ -5,17 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import typer
 
-from inpo_pipeline.cli_sampling import register
 from inpo_pipeline.models import load_unet
-
-
-def sampling_cli() -> typer.Typer:
-    """A fresh app with `sample` and `eval` registered (as the main `inpo` app does)."""
-    app = typer.Typer(pretty_exceptions_enable=False)
-    register(app)
-    return app
 
 
 def perturbed_unet(model: Path, out: Path, seed: int, scale: float = 0.02) -> torch.nn.Module:

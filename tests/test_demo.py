@@ -10,7 +10,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from inpo_pipeline import world
 from inpo_pipeline.cli import app
 
 pytestmark = pytest.mark.slow
@@ -18,20 +17,9 @@ pytestmark = pytest.mark.slow
 WIN_RATE_THRESHOLD = 0.65
 
 
-def _app_with_demo():
-    if not any(command.name == "demo" or getattr(command.callback, "__name__", "") == "demo"
-               for command in app.registered_commands):
-        from inpo_pipeline.cli_demo import register
-
-        register(app)
-    return app
-
-
 def test_reduced_demo_aligns_and_the_shuffled_control_does_not(tmp_path) -> None:
-    if not (world.DEFAULT_WORLD / "model_index.json").exists():
-        pytest.skip("worlds/shapes is not built (python scripts/build_world.py)")
     out = tmp_path / "demo"
-    result = CliRunner().invoke(_app_with_demo(), [
+    result = CliRunner().invoke(app, [
         "demo", "--out", str(out), "--pairs-per-prompt", "30", "--eval-seeds", "34",
         "--sample-steps", "15",
     ])

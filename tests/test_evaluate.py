@@ -20,7 +20,8 @@ from inpo_pipeline.sampling import MANIFEST, read_manifest
 from inpo_pipeline.winrate import wilson_interval
 from stages.evaluate import assign_to_scorers, report_paths
 from stages.sample import SampleOptions, run_sample
-from tests.sampling_helpers import perturbed_unet, sampling_cli
+from inpo_pipeline.cli import app
+from tests.sampling_helpers import perturbed_unet
 from tests.tiny_scorers import scorer_files  # noqa: F401  (a fixture)
 from tests.tiny_scorers import direct_aesthetic, direct_embeddings, direct_hps
 
@@ -33,7 +34,7 @@ IMAGEREWARD_MISSING = __import__("importlib.util").util.find_spec("ImageReward")
 
 
 def evaluate(*args: str):
-    return runner.invoke(sampling_cli(), ["eval", *args])
+    return runner.invoke(app, ["eval", *args])
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from inpo_pipeline.prompts import read_prompts
 from inpo_pipeline.reporting import Reporter
 from inpo_pipeline.sampling import MANIFEST, image_name, initial_latents, make_scheduler, read_manifest
 from stages.sample import SampleOptions, run_sample
-from tests.sampling_helpers import perturbed_unet, sampling_cli
+from inpo_pipeline.cli import app
+from tests.sampling_helpers import perturbed_unet
 
 runner = CliRunner()
 FAST = ["--seeds", "2", "--steps", "2", "--resolution", "32", "--batch-size", "4"]
@@ -29,7 +30,7 @@ FILES = ["p00000_s0.png", "p00000_s1.png", "p00001_s0.png", "p00001_s1.png"]
 
 
 def sample(model: Path, prompts: Path, out: Path, *extra: str):
-    return runner.invoke(sampling_cli(), ["sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+    return runner.invoke(app, ["sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
                                  *FAST, *extra])
 
 
@@ -160,7 +161,7 @@ def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
 def test_sdxl_with_dpm_solver(tiny_sdxl, tmp_path):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a bowl of ramen\n")
-    result = runner.invoke(sampling_cli(), ["sample", "--model", str(tiny_sdxl), "--prompts", str(prompts), "--out",
+    result = runner.invoke(app, ["sample", "--model", str(tiny_sdxl), "--prompts", str(prompts), "--out",
                                    str(tmp_path / "xl"), "--steps", "2", "--resolution", "32", "--scheduler", "dpm++"])
     assert result.exit_code == 0, result.output
     (record,) = read_manifest(tmp_path / "xl")

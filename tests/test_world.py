@@ -118,8 +118,6 @@ def test_compare_counts_ties_half_and_is_seeded() -> None:
 # ------------------------------------------------------------------------------ the committed model
 @pytest.fixture(scope="module")
 def world_pipeline():
-    if not (world.DEFAULT_WORLD / "model_index.json").exists():
-        pytest.skip("worlds/shapes is not built (python scripts/build_world.py)")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(world.DEFAULT_WORLD), safety_checker=None,
