@@ -374,6 +374,15 @@ def prepare_image(data: bytes | None, resolution: int) -> PreparedImage | None:
     return PreparedImage(np.ascontiguousarray(pixels), (height, width), (top, left))
 
 
+def reopen_source(identity: dict[str, Any]) -> PairSource:
+    """The source that `identity()` recorded (for redoing rows of an existing store)."""
+    if identity["kind"] == "parquet":
+        return ParquetSource([Path(f["path"]) for f in identity["files"]], identity.get("split"))
+    if identity["kind"] == "manifest":
+        return ManifestSource(Path(identity["path"]))
+    return HubSource(identity["dataset"], identity["split"])
+
+
 def describe_source(source: PairSource) -> str:
     identity = source.identity()
     if identity["kind"] == "parquet":

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore, RowPlan
-from inpo_pipeline.data import open_source
+from inpo_pipeline.data import reopen_source
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import InversionConfig, invert_shard
 from inpo_pipeline.models import load_reference
 from inpo_pipeline.reporting import Reporter
+from stages.invert import COMPUTE_DTYPES
 
 # (absolute, relative) per storage dtype for x_t and τ; e_ref is compared relative only.
 RECOMPUTE_TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (4e-3, 4e-3), "bfloat16": (3e-2, 3e-2)}
@@ -41,21 +42,10 @@ def recompute_rows(store: CacheStore, count: int, seed: int, device: torch.devic
     if len(candidates) == 0:
         return ["no finished valid rows to recompute"]
     rows = np.sort(np.random.default_rng(seed).choice(candidates, size=min(count, len(candidates)), replace=False))
-    data = settings["data"]
-    location = {"parquet": lambda: ",".join(f["path"] for f in data["files"]),
-                "manifest": lambda: data["path"], "hub": lambda: "hf:" + data["dataset"]}[data["kind"]]()
-    if data["kind"] == "parquet" and len(data["files"]) > 1:
-        from inpo_pipeline.data import ParquetSource
-        from pathlib import Path
-
-        source = ParquetSource([Path(f["path"]) for f in data["files"]], data.get("split"))
-    else:
-        source = open_source(location, data.get("split"))
+    source = reopen_source(settings["data"])
     reference = load_reference(settings["model"], unet_path=settings.get("unet"), vae_path=settings.get("vae"))
     if reference.unet_fingerprint != settings["unet_fingerprint"]:
         raise UserError("the model found at the recorded path has other UNet weights than the store's reference")
-    from stages.invert import COMPUTE_DTYPES
-
     reference.to(device, COMPUTE_DTYPES[settings["compute_dtype"]])
     config = InversionConfig(
         resolution=settings["resolution"], storage_dtype=settings["storage_dtype"],
