@@ -38,10 +38,9 @@ from inpo_pipeline.data import open_source, prepare_image  # noqa: E402
 from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
 from inpo_pipeline.loss import inpo_loss  # noqa: E402
 from inpo_pipeline.models import load_reference, unet_noise  # noqa: E402
-from inpo_pipeline.policy import load_policy  # noqa: E402
+from inpo_pipeline.policy import load_policy, policy_errors  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
-from stages.train import policy_errors  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

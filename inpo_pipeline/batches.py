@@ -8,8 +8,7 @@ hash too: no random state to save.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,8 +37,14 @@ class BatchSchedule:
     def micro_batches_per_epoch(self) -> int:
         return len(self.rows) // self.global_batch
 
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return _epoch_order(self.rows.tobytes(), self.seed, epoch)
+        """The rows in this epoch's seeded order (the latest epoch's order is kept)."""
+        if epoch not in self._orders:
+            self._orders.clear()
+            self._orders[epoch] = self.rows[np.random.default_rng([self.seed, 13, epoch]).permutation(len(self.rows))]
+        return self._orders[epoch]
 
     def micro_batch(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(store rows, prompt-dropped flags, epoch) of this rank's micro-batch `index`."""
@@ -56,12 +61,6 @@ class BatchSchedule:
         keys = row_keys(self.seed, rows.astype(np.int64), np.full(len(rows), epoch), salt=17)
         uniform = (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
         return uniform < self.prompt_dropout
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(rows_bytes: bytes, seed: int, epoch: int) -> np.ndarray:
-    rows = np.frombuffer(rows_bytes, dtype=np.int64)
-    return rows[np.random.default_rng([seed, 13, epoch]).permutation(len(rows))]
 
 
 def read_micro_batch(store: CacheStore, rows: np.ndarray, dropped: np.ndarray) -> dict[str, torch.Tensor]:

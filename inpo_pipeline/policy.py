@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from inpo_pipeline import ddim
+from inpo_pipeline.batches import read_micro_batch
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.models import SDXL, fingerprint_module, load_unet
+from inpo_pipeline.loss import inpo_loss
+from inpo_pipeline.models import SDXL, fingerprint_module, load_unet, unet_noise
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 UNET_FOLDER = "unet"
@@ -40,6 +44,15 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
     else:
         unet.requires_grad_(True)
     return unet.train()
+
+
+def policy_errors(
+    policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """e_θ = mean‖ε_θ(x_t, t, c) − τ‖² for the chosen and the rejected images (DESIGN §1.4)."""
+    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
+                       batch.get("pooled"), batch.get("time_ids"))
+    return ddim.per_sample_mse(noise, batch["targets"].to(device)).chunk(2)
 
 
 def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -107,22 +120,13 @@ def preference_metrics(
 
     With the reference as policy this is the step-0 check of DESIGN §2: loss log 2, margin 0.
     """
-    import numpy as np
-
-    from inpo_pipeline import ddim
-    from inpo_pipeline.batches import read_micro_batch
-    from inpo_pipeline.loss import inpo_loss
-    from inpo_pipeline.models import unet_noise
-
     device = device or next(policy.parameters()).device
     losses, arguments = [], []
     rows = np.asarray(rows)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt))
-        noise = unet_noise(policy, batch["latents"], batch["timesteps"], batch["text"], batch.get("pooled"),
-                           batch.get("time_ids"))
-        chosen, rejected = ddim.per_sample_mse(noise, batch["targets"].to(device)).chunk(2)
+        chosen, rejected = policy_errors(policy, batch, device)
         result = inpo_loss(chosen, rejected, batch["reference_error_chosen"].to(device),
                            batch["reference_error_rejected"].to(device), beta)
         losses.append(result.loss.double().cpu())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -63,8 +62,7 @@ class Reporter:
             TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=self.console, transient=False,
-                      disable=not self.console.is_terminal and "pytest" in sys.modules) as progress:
+        with Progress(*columns, console=self.console, transient=False) as progress:
             task = progress.add_task(name, total=total)
             yield lambda n: progress.advance(task, n)
 
@@ -80,8 +78,7 @@ class Reporter:
                        "{task.fields[speed]} pairs/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=self.console,
-                      disable=not self.console.is_terminal and "pytest" in sys.modules) as progress:
+        with Progress(*columns, console=self.console) as progress:
             task = progress.add_task("training", total=total, completed=start,
                                      loss="?", accuracy="?", lr="?", speed="?")
 

@@ -19,12 +19,11 @@ import torch
 
 import inpo_pipeline
 from cache_schema import CacheStore, now_iso
-from inpo_pipeline import ddim
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.loss import inpo_loss
-from inpo_pipeline.models import DEFAULT_BETA, SDXL, unet_noise
-from inpo_pipeline.policy import export_pipeline, load_policy, save_policy, trainable_parameters
+from inpo_pipeline.models import DEFAULT_BETA, SDXL
+from inpo_pipeline.policy import export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters
 from inpo_pipeline.reporting import Reporter
 
 CHECKPOINTS = "checkpoints"
@@ -98,14 +97,6 @@ class TrainOptions:
 
 
 # ------------------------------------------------------------------------------ the step
-def policy_errors(policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """e_θ = mean‖ε_θ(x_t, t, c) − τ‖² for the chosen and the rejected images (DESIGN §1.4)."""
-    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
-                       batch.get("pooled"), batch.get("time_ids"))
-    errors = ddim.per_sample_mse(noise, batch["targets"].to(device))
-    return errors.chunk(2)
-
-
 def _optimizer(options: TrainOptions, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if options.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -395,26 +386,32 @@ class _StepSums:
     """Loss, accuracy and margin summed over one optimizer step's micro-batches."""
 
     def __init__(self) -> None:
-        self.values = torch.zeros(6, dtype=torch.float64)
+        self.values: torch.Tensor | None = None
 
     def add(self, result: Any, pairs: int) -> None:
-        self.values += torch.tensor([
-            result.loss.detach().double().sum().item(),
-            (result.argument.detach() > 0).double().sum().item(),
-            result.argument.detach().double().sum().item(),
-            result.policy_error_chosen.detach().double().sum().item(),
-            result.policy_error_rejected.detach().double().sum().item(),
-            pairs,
-        ], dtype=torch.float64)
+        # summed where the loss lives: no host round trip per micro-batch, one per optimizer step
+        argument = result.argument.detach().double()
+        values = torch.stack([
+            result.loss.detach().double().sum(),
+            (argument > 0).double().sum(),
+            argument.sum(),
+            result.policy_error_chosen.detach().double().sum(),
+            result.policy_error_rejected.detach().double().sum(),
+            torch.tensor(float(pairs), dtype=torch.float64, device=argument.device),
+        ])
+        self.values = values if self.values is None else self.values + values
 
     def gather(self, accelerator: Any) -> dict[str, Any]:
-        total = accelerator.reduce(self.values.to(accelerator.device), "sum").cpu()
-        pairs = max(total[5].item(), 1.0)
+        assert self.values is not None
+        loss, accurate, margin, chosen, rejected, pairs = (
+            accelerator.reduce(self.values.to(accelerator.device), "sum").cpu().tolist()
+        )
+        count = max(pairs, 1.0)
         return {
-            "loss": total[0].item() / pairs,
-            "implicit_accuracy": total[1].item() / pairs,
-            "margin": total[2].item() / pairs,
-            "policy_error_chosen": total[3].item() / pairs,
-            "policy_error_rejected": total[4].item() / pairs,
-            "pairs": int(total[5].item()),
+            "loss": loss / count,
+            "implicit_accuracy": accurate / count,
+            "margin": margin / count,
+            "policy_error_chosen": chosen / count,
+            "policy_error_rejected": rejected / count,
+            "pairs": int(pairs),
         }
