@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from inpo_pipeline.winrate import wilson_interval
 
 IMAGE_SIZE = 32
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -166,17 +167,6 @@ def reward(images: np.ndarray, prompts: str | Sequence[str]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- statistics
-def wilson_interval(wins: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion wins/n (wins may be fractional: ties count half)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = wins / n
-    denominator = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def bootstrap_mean_interval(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of a mean, with a fixed seed (reproducible)."""
     values = np.asarray(values, dtype=np.float64)
@@ -226,7 +216,7 @@ def compare(base: np.ndarray, aligned: np.ndarray, seed: int = 0, tie_tolerance:
         aligned_mean=float(aligned.mean()), aligned_interval=bootstrap_mean_interval(aligned, seed),
         difference=float(difference.mean()), difference_interval=bootstrap_mean_interval(difference, seed),
         wins=wins, ties=ties, losses=losses, win_rate=score / n if n else float("nan"),
-        win_interval=wilson_interval(score, n),
+        win_interval=wilson_interval(score, n) if n else (0.0, 1.0),
     )
 
 
