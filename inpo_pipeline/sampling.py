@@ -72,7 +72,8 @@ def _lora_location(path: str) -> Path:
     return location
 
 
-def _files_sha256(location: Path) -> str:
+def files_sha256(location: Path) -> str:
+    """sha256 over the names and contents of a file, or of every file under a folder."""
     files = sorted(p for p in ([location] if location.is_file() else location.rglob("*")) if p.is_file())
     digest = hashlib.sha256()
     for file in files:
@@ -126,7 +127,7 @@ def load_sampling_pipeline(
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"cannot load LoRA weights from {lora_location}: "
                             f"{str(error).strip().splitlines()[0]}") from error
-        identity["lora_sha256"] = _files_sha256(lora_location)
+        identity["lora_sha256"] = files_sha256(lora_location)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, identity

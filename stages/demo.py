@@ -22,6 +22,7 @@ import torch
 from inpo_pipeline import world
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.reporting import Reporter
+from inpo_pipeline.sampling import files_sha256
 from inpo_pipeline.world import SamplerSettings
 
 DATA_SEED_BASE = 1_000_000
@@ -73,7 +74,7 @@ class PreferencePool:
 def sample_pool(model: Path, pairs_per_prompt: int, sampler: SamplerSettings, seed: int, reporter: Reporter,
                 cache: Path | None = None) -> PreferencePool:
     """Two samples of the base model per (training prompt, pair), seeds DATA_SEED_BASE + …, scored."""
-    key = {"model": str(Path(model).resolve()), "fingerprint": _unet_fingerprint(model), "pairs": pairs_per_prompt,
+    key = {"model": str(Path(model).resolve()), "fingerprint": files_sha256(Path(model) / "unet"), "pairs": pairs_per_prompt,
            "sampler": asdict(sampler), "seed": seed, "prompts": list(world.TRAIN_PROMPTS)}
     if cache is not None and (pool := PreferencePool.load(cache, key)) is not None:
         reporter.line(f"preference samples: reusing {cache}")
@@ -101,16 +102,6 @@ def write_dataset(pool: PreferencePool, path: Path, labeling: str, seed: int = 0
     return {"path": str(path), "pairs": len(labels), "labeling": labeling,
             "agreement_with_reward": float(np.mean(labels == truth)),
             "mean_reward_gap": float(np.mean(np.abs(pool.reward_0 - pool.reward_1)))}
-
-
-def _unet_fingerprint(model: Path) -> str:
-    """A cheap identity of the model's UNet weights file (size + mtime-free content hash)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for file in sorted((Path(model) / "unet").glob("*.safetensors")):
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ aligned models

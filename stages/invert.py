@@ -7,6 +7,7 @@ in `inpo_pipeline.inversion`, all layout in `cache_schema`.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -115,8 +116,6 @@ def _settings_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> li
 
 
 def _normalise(value: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
