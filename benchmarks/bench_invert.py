@@ -1,15 +1,18 @@
 """Stage-one benchmark: pairs/s of `inpo invert`, UNet share of wall time, padding, store bytes.
 
-    python benchmarks/bench_invert.py --shape small --pairs 64 --batch-size 16
+    OMP_NUM_THREADS=2 python benchmarks/bench_invert.py --shape small --pairs 64 --batch-size 16 --recipe inpo --recipe authors
     python benchmarks/bench_invert.py --shape sd15 --pairs 512 --batch-size 32 --compute-dtype bfloat16  # GPU
 
 Runs the real stage runner (`stages.invert.run_invert`) on generated Pick-a-Pic-layout data with
-a random-weight pipeline of the given shape, then reads the store's own accounting.
+a random-weight pipeline of the given shape, then reads the store's own accounting. Several
+`--recipe`s are run side by side in interleaved rounds (one JSON record per recipe, medians),
+so that their ratio is measured under the same machine load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -32,7 +35,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--timestep-mode", default="exact")
+    parser.add_argument("--recipe", action="append", choices=["inpo", "authors"], default=None,
+                        help="recipe(s) to measure side by side (default: inpo)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timed rounds per recipe")
     parser.add_argument("--compute-dtype", default="float32")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--device", default=None)
@@ -44,13 +49,26 @@ def main() -> None:
     data = work / f"pairs-{arguments.pairs}.parquet"
     if not data.exists():
         write_pickapic_parquet(data, num_pairs=arguments.pairs, seed=0, ties=0, broken=0, row_group_size=64)
-    store = work / "bench-store.zarr"
-    shutil.rmtree(store, ignore_errors=True)
     resolution = arguments.resolution or (SHAPES[arguments.shape]["resolution"] if arguments.shape in SHAPES else 64)
+    recipes = arguments.recipe or ["inpo"]
+    measured: dict[str, list[dict]] = {recipe: [] for recipe in recipes}
+    for _round in range(arguments.rounds):
+        for recipe in recipes:
+            measured[recipe].append(measure(arguments, model, data, resolution, recipe))
+    for recipe, records in measured.items():
+        best = sorted(records, key=lambda r: r["pairs_per_second"])[len(records) // 2]
+        best["rounds"] = len(records)
+        best["pairs_per_second_all_rounds"] = [r["pairs_per_second"] for r in records]
+        dump(best)
+
+
+def measure(arguments: argparse.Namespace, model: Path, data: Path, resolution: int, recipe: str) -> dict:
+    store = arguments.work / f"bench-store-{recipe}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
     options = InvertOptions(
-        model=str(model), data=str(data), out=str(store), resolution=resolution,
-        batch_size=arguments.batch_size, timestep_mode=arguments.timestep_mode,
-        compute_dtype=arguments.compute_dtype, dtype=arguments.dtype, device=arguments.device,
+        model=str(model), data=str(data), out=str(store), resolution=resolution, recipe=recipe,
+        batch_size=arguments.batch_size, compute_dtype=arguments.compute_dtype, dtype=arguments.dtype,
+        device=arguments.device,
     )
     started = time.perf_counter()
     summary = run_invert(options, Reporter(enabled=False))
@@ -59,13 +77,16 @@ def main() -> None:
     opened = CacheStore.open(store)
     shard_seconds = float(opened.group["done"]["shard_stats"][:][:, 2].sum())
     pairs = summary["rows_valid"]
-    dump({
+    settings = summary["settings"]
+    return {
         "benchmark": "invert",
+        "recipe": recipe,
         "shape": arguments.shape,
         "resolution": resolution,
         "batch_size": arguments.batch_size,
         "compute_dtype": arguments.compute_dtype,
-        "timestep_mode": arguments.timestep_mode,
+        "timestep_mode": settings["timestep_mode"],
+        "inversion_guidance": settings["inversion_guidance"],
         "pairs": pairs,
         "wall_seconds_end_to_end": round(wall, 2),
         "inversion_seconds": round(shard_seconds, 2),
@@ -79,8 +100,9 @@ def main() -> None:
         "row_arrays_bytes_per_row": round(sum(f.stat().st_size for f in (store / "rows").rglob("*") if f.is_file()) / summary["rows"]),
         "raw_bytes_per_row": summary["raw_bytes_per_row"],
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": machine(),
-    })
+    }
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
              (spawned workers), policy forward + backward, InPO loss, optimizer step every
              `--grad-accum` micro-batches (amortised);
 (b) online:  the authors' step, composed from this project's functions — text encoding, VAE
-             encode, grid inversion (the 10-point grid below t) with the reference UNet, the
+             encode, the released inversion (departures below t, DESIGN §1.5) with the reference UNet, the
              reference forward, policy forward + backward, optimizer step as in (a);
 (c) DPO:     a Diffusion-DPO step — text encoding, VAE encode, forward noising with fresh noise,
              reference forward, policy forward + backward, optimizer step as in (a);
@@ -175,15 +175,19 @@ def main() -> None:
     def online_step(index: int) -> None:
         text, x0, t = online_inputs(index)
         latents = x0.clone()
-        walks = [ddim.grid_trajectory(int(step), 10, 1000, reference.steps_offset) for step in t]
+        # the released loop (DESIGN §1.5): departures d < t, UNet at label d, η·σ·z after each step
+        walks = [ddim.authors_steps(int(step), 10, alphas, reference.scheduler_config) for step in t]
         with torch.no_grad():
-            for position in range(max(len(w) for w in walks) - 1):
-                active = [i for i, w in enumerate(walks) if len(w) - 1 > position]
-                here = torch.tensor([walks[i][position] for i in active])
-                there = torch.tensor([walks[i][position + 1] for i in active])
-                noise = unet_noise(reference.unet, latents[active], there.to(device), text[active]).float()
-                latents[active] = ddim.inversion_step(latents[active], noise, ddim.alpha_bar_at(alphas, here),
-                                                      ddim.alpha_bar_at(alphas, there)).float()
+            for position in range(max(len(w) for w in walks)):
+                active = [i for i, w in enumerate(walks) if len(w) > position]
+                steps = [walks[i][position] for i in active]
+                alpha_from = torch.tensor([s.alpha_bar_from for s in steps], dtype=torch.float64)
+                alpha_to = torch.tensor([s.alpha_bar_to for s in steps], dtype=torch.float64)
+                labels = torch.tensor([s.label for s in steps], device=device)
+                noise = unet_noise(reference.unet, latents[active], labels, text[active]).float()
+                moved = ddim.inversion_step(latents[active], noise, alpha_from, alpha_to).float()
+                sigma = ddim.jump_noise_std(alpha_from, alpha_to).float().to(device).reshape(-1, 1, 1, 1)
+                latents[active] = moved + 0.1 * sigma * torch.randn_like(moved)
                 calls["inversion"] += len(active)
             calls["images"] += len(walks)
             alpha_t = ddim.alpha_bar_at(alphas, t)

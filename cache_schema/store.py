@@ -1,6 +1,6 @@
 """The inpo cache store: a Zarr v3 group whose layout only this module knows.
 
-Layout (schema ``inpo.cache`` v1)::
+Layout (schema ``inpo.cache`` v2; v1 stores, which lack the two v2 plan arrays, stay readable)::
 
     STORE/
       zarr.json                     group attributes: schema, state, layout, settings, provenance
@@ -18,6 +18,9 @@ Layout (schema ``inpo.cache`` v1)::
       rows/prompt_index             (N,) i4       plan: index into prompts/ (0 = empty prompt)
       rows/source_row               (N,) i8       plan: row of the source data set
       rows/draw                     (N,) i2       plan: which of the pair's K timestep draws
+      rows/caption_index            (N,) i4       plan (v2): the pair's caption (prompt_index is 0 for
+                                                  rows dropped to "" before inversion)
+      rows/flip                     (N, 2) u1     plan (v2): chosen/rejected image flipped horizontally
       prompts/text                  (P,) str      prompt 0 is the empty prompt
       prompts/embedding             (P, L, D)     text-encoder hidden states, storage dtype
       prompts/pooled_embedding      (P, D2)       SDXL only
@@ -48,12 +51,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 SCHEMA_NAME = "inpo.cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
 ERROR_ARRAYS = ("reference_error_chosen", "reference_error_rejected")
 TIME_ID_ARRAYS = ("time_ids_chosen", "time_ids_rejected")
 PLAN_ARRAYS = ("timestep", "prompt_index", "source_row", "draw")
+PLAN_ARRAYS_V2 = ("caption_index", "flip")
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 TIME_IDS_WIDTH = 6
 SHARD_STATS_WIDTH = 3
@@ -136,9 +141,16 @@ class RowPlan:
     prompt_index: np.ndarray
     source_row: np.ndarray
     draw: np.ndarray
+    caption_index: np.ndarray | None = None  # None: the prompt_index (no prompt was dropped)
+    flip: np.ndarray | None = None  # (rows, 2) uint8; None: no image flipped
 
     def __post_init__(self) -> None:
-        lengths = {len(self.timestep), len(self.prompt_index), len(self.source_row), len(self.draw)}
+        if self.caption_index is None:
+            self.caption_index = np.asarray(self.prompt_index).copy()
+        if self.flip is None:
+            self.flip = np.zeros((len(self.timestep), 2), dtype=np.uint8)
+        lengths = {len(self.timestep), len(self.prompt_index), len(self.source_row), len(self.draw),
+                   len(self.caption_index), len(self.flip)}
         if len(lengths) != 1:
             raise StoreError("row plan arrays differ in length")
 
@@ -292,6 +304,8 @@ class CacheStore:
             rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
             rows["source_row"][:] = plan.source_row.astype(np.int64)
             rows["draw"][:] = plan.draw.astype(np.int16)
+            rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
+            rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
             group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
             group.attrs["state"] = "ready"
             os.replace(building, path)
@@ -333,10 +347,12 @@ class CacheStore:
             ("prompt_index", "int32"),
             ("source_row", "int64"),
             ("draw", "int16"),
+            ("caption_index", "int32"),
         ):
             rows.create_array(
                 name, shape=(n,), chunks=(r,), dtype=array_dtype, compressors=_codecs(True), fill_value=0
             )
+        rows.create_array("flip", shape=(n, 2), chunks=(r, 2), dtype="uint8", compressors=_codecs(True), fill_value=0)
 
         prompts = self.group.create_group("prompts")
         p, q = layout.num_prompts, layout.prompts_per_chunk
@@ -385,10 +401,10 @@ class CacheStore:
         if attrs.get("schema") != SCHEMA_NAME:
             raise StoreError(f"{path} is a Zarr group but not an inpo cache store")
         version = attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{path} has cache schema version {version}; this inpo reads version "
-                f"{SCHEMA_VERSION}: re-create it with `inpo invert --overwrite`"
+                f"{path} has cache schema version {version}; this inpo reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: re-create it with `inpo invert --overwrite`"
             )
         if attrs.get("state") != "ready":
             raise StoreError(
@@ -425,13 +441,20 @@ class CacheStore:
         self.group.attrs["provenance"] = provenance
 
     # ------------------------------------------------------------------ plan and prompts
+    @property
+    def schema_version(self) -> int:
+        return int(self.group.attrs["schema_version"])
+
     def read_plan(self, rows: slice | np.ndarray) -> RowPlan:
         arrays = self.group["rows"]
+        v2 = "caption_index" in arrays
         return RowPlan(
             timestep=np.asarray(arrays["timestep"][rows]),
             prompt_index=np.asarray(arrays["prompt_index"][rows]),
             source_row=np.asarray(arrays["source_row"][rows]),
             draw=np.asarray(arrays["draw"][rows]),
+            caption_index=np.asarray(arrays["caption_index"][rows]) if v2 else None,
+            flip=np.asarray(arrays["flip"][rows]) if v2 else None,
         )
 
     def prompt_texts(self, indices: slice | np.ndarray | None = None) -> list[str]:
@@ -555,7 +578,7 @@ class CacheStore:
         total = len(LATENT_ARRAYS) * c * h * w * item + len(ERROR_ARRAYS) * 2 * 4
         if self.layout.pooled_dim is not None:
             total += len(TIME_ID_ARRAYS) * TIME_IDS_WIDTH * 4
-        return total + 1 + 2 + 4 + 4 + 8 + 2
+        return total + 1 + 2 + 4 + 4 + 8 + 2 + (4 + 2 if self.schema_version >= 2 else 0)
 
     def summary(self) -> dict[str, Any]:
         """Facts for `inpo cache info`: progress, sizes, dropped pairs by reason."""
@@ -572,7 +595,7 @@ class CacheStore:
         finished_rows = int(done_rows.sum())
         return {
             "path": str(self.path),
-            "schema": f"{SCHEMA_NAME} v{SCHEMA_VERSION}",
+            "schema": f"{SCHEMA_NAME} v{self.schema_version}",
             "rows": layout.num_rows,
             "rows_done": finished_rows,
             "rows_valid": int((done_rows & valid).sum()),
@@ -632,6 +655,8 @@ class CacheStore:
         if layout.pooled_dim is not None:
             expected_shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
         expected_shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
+        if self.schema_version >= 2:
+            expected_shapes.update({"caption_index": (layout.num_rows,), "flip": (layout.num_rows, 2)})
         shape_problems = [
             f"missing array rows/{name}" if name not in rows
             else f"rows/{name} has shape {tuple(rows[name].shape)}, expected {shape}"

@@ -57,10 +57,15 @@ def invert(
     split: Annotated[str | None, typer.Option(help="Split: parquet files named SPLIT-*.parquet in a folder, or the hub split.")] = None,
     resolution: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's native size).")] = None,
     max_pairs: Annotated[int | None, typer.Option(help="Use only the first N non-tie pairs.")] = None,
-    inversion_steps: Annotated[int, typer.Option(help="n: DDIM steps for a walk over all T timesteps.")] = 10,
-    inversion_guidance: Annotated[float, typer.Option(help="w_inv: 0 unconditional, 1 conditional, else CFG.")] = 0.0,
-    timestep_mode: Annotated[str, typer.Option(help="exact: the walk ends at t; grid: the authors' n-point grid below t.")] = "exact",
-    eta: Annotated[float, typer.Option(help="Seeded noise added per inversion step (the authors use 0.1).")] = 0.0,
+    recipe: Annotated[str, typer.Option(help="authors: the released algorithm (DESIGN §1.5); inpo: the project's exact-t variant. Sets the options below unless given.")] = "inpo",
+    inversion_steps: Annotated[int | None, typer.Option(help="n: DDIM steps for a walk over all T timesteps [recipe: 10].")] = None,
+    inversion_guidance: Annotated[float | None, typer.Option(help="w_inv: 0 unconditional, 1 conditional, else CFG [inpo 0, authors 1].")] = None,
+    timestep_mode: Annotated[str | None, typer.Option(help="authors: the released loop (departure labels, ends at the grid level above t); exact: walk exactly to t [inpo exact, authors authors].")] = None,
+    eta: Annotated[float | None, typer.Option(help="η: adds η·σ·z after each step, σ the DDPM posterior std of the jump, z seeded [inpo 0, authors 0.1].")] = None,
+    inversion_prompt_dropout: Annotated[float | None, typer.Option(help="Share of rows inverted, referenced and trained with the empty prompt [inpo 0, authors 0.2].")] = None,
+    time_ids: Annotated[str | None, typer.Option(help="SDXL size conditioning: original (image size, crop) or constant (R, R, 0, 0, R, R) [inpo original, authors constant].")] = None,
+    vae_latent: Annotated[str | None, typer.Option(help="x0: mean of the VAE posterior, or a seeded sample [inpo mean, authors sample].")] = None,
+    flip: Annotated[float | None, typer.Option(help="Probability of a seeded horizontal flip per row and image [inpo 0, authors 0.5].")] = None,
     timesteps_per_pair: Annotated[int, typer.Option(help="K: rows (timestep draws) per pair.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per UNet call.")] = 8,
     dtype: Annotated[str, typer.Option(help="Storage dtype of latents and targets: float16, bfloat16, float32.")] = "float16",
@@ -78,8 +83,9 @@ def invert(
 
     options = InvertOptions(
         model=model, data=data, out=out, split=split, resolution=resolution, max_pairs=max_pairs,
-        inversion_steps=inversion_steps, inversion_guidance=inversion_guidance,
-        timestep_mode=timestep_mode, eta=eta, timesteps_per_pair=timesteps_per_pair,
+        recipe=recipe, inversion_steps=inversion_steps, inversion_guidance=inversion_guidance,
+        timestep_mode=timestep_mode, eta=eta, inversion_prompt_dropout=inversion_prompt_dropout,
+        time_ids=time_ids, vae_latent=vae_latent, flip=flip, timesteps_per_pair=timesteps_per_pair,
         batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
         vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
         shards_per_window=shards_per_window, device=device,
@@ -115,11 +121,11 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Pairs per device per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 16,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps of the constant schedule.")] = 200,
-    prompt_dropout: Annotated[float, typer.Option(help="Share of rows trained on the empty prompt.")] = 0.2,
+    prompt_dropout: Annotated[float | None, typer.Option(help="Share of rows switched to the empty prompt at training time (default: 0.2 for stores inverted unconditionally; 0 for stores inverted with their captions, whose dropout happened before inversion).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or adafactor (default: adamw for SD1.5, adafactor for SDXL).")] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-2,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
-    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
+    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (default: the precision the store's reference errors were computed in).")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory in the UNet (default: on for SDXL, off for SD1.5).")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 100,
@@ -162,6 +168,7 @@ def cache_info(
 ) -> None:
     """A readable summary: rows, progress, provenance, size, dropped pairs."""
     from cache_schema import CacheStore
+    from inpo_pipeline.recipes import describe_inversion, store_warnings
 
     summary = CacheStore.open(store).summary()
     if as_json:
@@ -185,9 +192,8 @@ def cache_info(
                    f"{provenance['filter']['ties']} ties dropped, {provenance['filter']['kept_pairs']} pairs kept"),
         ("broken pairs", f"{len(broken)}" + (f" (source rows {', '.join(map(str, broken[:20]))}"
                                               f"{' …' if len(broken) > 20 else ''})" if broken else "")),
-        ("inversion", f"{settings['timestep_mode']}, n={settings['inversion_steps']}, "
-                      f"w_inv={settings['inversion_guidance']}, eta={settings['eta']}, "
-                      f"K={settings['timesteps_per_pair']}, seed={settings['seed']}"),
+        ("inversion", describe_inversion(settings)),
+        *(("warning", warning) for warning in store_warnings(settings)),
         ("resolution / dtype", f"{settings['resolution']} px, latents {tuple(summary['layout']['latent_shape'])} "
                                f"stored as {settings['storage_dtype']}"),
         ("UNet work", f"{summary['unet_row_evaluations']:.0f} row evaluations, "

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
         batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step.")] = 16,
         warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 10,
-        timestep_mode: Annotated[str, typer.Option(help="exact or grid (see `inpo invert`).")] = "exact",
+        recipe: Annotated[str, typer.Option(help="Stage-one recipe: inpo or authors (see `inpo invert`).")] = "inpo",
         timesteps_per_pair: Annotated[int, typer.Option(help="Rows (timestep draws) per pair.")] = 2,
         sample_steps: Annotated[int, typer.Option(help=SAMPLE_STEPS_HELP)] = 20,
         guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 3.0,
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         run_demo(DemoOptions(
             out=out, world=world, rebuild_world=rebuild_world, pairs_per_prompt=pairs_per_prompt,
             eval_seeds=eval_seeds, controls=controls, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
-            warmup=warmup, timestep_mode=timestep_mode, timesteps_per_pair=timesteps_per_pair,
+            warmup=warmup, recipe=recipe, timesteps_per_pair=timesteps_per_pair,
             sample_steps=sample_steps, guidance=guidance, seed=seed,
         ), Reporter())
 

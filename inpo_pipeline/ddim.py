@@ -10,13 +10,15 @@ covers ``t + 1`` timestep units.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 CLEAN = -1
 """Trajectory position of the clean latent x0 (alpha_bar = 1)."""
 
-TIMESTEP_MODES = ("exact", "grid")
+TIMESTEP_MODES = ("exact", "authors")
 
 
 def alpha_bar_at(alphas_cumprod: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -42,31 +44,101 @@ def exact_trajectory(t: int, num_steps: int, num_train_timesteps: int = 1000) ->
     return [CLEAN + round(i * distance / steps) for i in range(steps + 1)]
 
 
-def grid_trajectory(
-    t: int, num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0
-) -> list[int]:
-    """Positions of the authors' `grid` inversion (DESIGN §1.5).
+RETIRED_MODES = {
+    "grid": "--timestep-mode grid was removed: it ended one stride below the authors' walk, called the "
+    "UNet at the destination label and started from ā = 1, so it did not reproduce the released code "
+    "(DESIGN §1.5); use --timestep-mode authors (or --recipe authors)",
+}
 
-    The n-point DDIM grid g_j = j·T/n + offset; the walk visits only the grid points strictly
-    below t, and the latent at the last one is then used as if it were x_t. With no grid point
-    below t the walk is empty and x0 itself is used. Returns [CLEAN, g_0, ..., g_k].
+
+@dataclass(frozen=True)
+class InversionStep:
+    """One UNet call of an inversion walk: ε at `label`, then DDIM from ā_from to ā_to."""
+
+    label: int
+    alpha_bar_from: float
+    alpha_bar_to: float
+
+
+def exact_steps(t: int, num_steps: int, alphas_cumprod: torch.Tensor) -> list[InversionStep]:
+    """The project's `exact` variant (DESIGN §1.2): walk from x0 (ā = 1) exactly to t.
+
+    Positions from :func:`exact_trajectory`; each step calls the UNet at its destination label
+    s', the usual inversion approximation ε(x_{s'}) ≈ ε(x_s, s').
     """
+    positions = exact_trajectory(t, num_steps, len(alphas_cumprod))
+    alphas = alphas_cumprod.double().tolist()
+    value = [1.0 if s == CLEAN else alphas[s] for s in positions]
+    return [InversionStep(there, value[i], value[i + 1]) for i, there in enumerate(positions[1:])]
+
+
+def authors_departures(
+    num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0, timestep_spacing: str = "leading"
+) -> tuple[list[int], int]:
+    """The departures of diffusers 0.20's ``DDIMInverseScheduler`` and its stride (DESIGN §1.5).
+
+    The n-point grid (``leading``: j·(T//n) + steps_offset; ``trailing``: round(T − j·T/n) − 1,
+    ascending) is rolled by one and its first entry set to (second entry − stride):
+    SD's leading grid with offset 1 gives D = [−99, 1, 101, …, 801], stride 100.
+    """
+    stride = num_train_timesteps // num_steps
+    if timestep_spacing == "leading":
+        grid = [j * stride + steps_offset for j in range(num_steps)]
+    elif timestep_spacing == "trailing":
+        ratio = num_train_timesteps / num_steps
+        grid = sorted(round(num_train_timesteps - j * ratio) - 1 for j in range(num_steps))
+    else:
+        raise ValueError(
+            f"timestep_spacing {timestep_spacing!r}: the authors' inverse scheduler supports leading or trailing"
+        )
+    departures = [grid[-1], *grid[:-1]]  # np.roll(grid, 1)
+    departures[0] = (departures[1] if num_steps > 1 else grid[0]) - stride
+    if departures[-1] + stride >= num_train_timesteps:
+        raise ValueError(f"the inverse grid would step past timestep {num_train_timesteps - 1}")
+    return departures, stride
+
+
+def authors_steps(
+    t: int, num_steps: int, alphas_cumprod: torch.Tensor, scheduler_config: dict[str, Any]
+) -> list[InversionStep]:
+    """The released loop's walk for label t (DESIGN §1.5).
+
+    For every departure d < t, in order: ε = UNet(x, label d), then DDIM from ā_d to ā_{d+s}, where
+    ā_d for d < 0 is 1 with ``set_alpha_to_one`` and ā_0 without. So there is always at least one
+    step, and the walk ends at level d_last + s (≥ t for t ≤ 901), not at t.
+    """
+    num_train_timesteps = len(alphas_cumprod)
     if not 0 <= t < num_train_timesteps:
         raise ValueError(f"timestep {t} outside 0..{num_train_timesteps - 1}")
-    stride = num_train_timesteps // num_steps
-    grid = [j * stride + steps_offset for j in range(num_steps)]
-    return [CLEAN] + [g for g in grid if g < t]
+    departures, stride = authors_departures(
+        num_steps, num_train_timesteps, int(scheduler_config.get("steps_offset", 0)),
+        scheduler_config.get("timestep_spacing", "leading"),
+    )
+    alphas = alphas_cumprod.double().tolist()
+    initial = 1.0 if scheduler_config.get("set_alpha_to_one", True) else alphas[0]
+    return [InversionStep(d, alphas[d] if d >= 0 else initial, alphas[d + stride]) for d in departures if d < t]
 
 
-def trajectory(
-    t: int, mode: str, num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0
-) -> list[int]:
-    """The inversion walk for label t under `mode` ('exact' or 'grid')."""
+def inversion_steps(
+    t: int, mode: str, num_steps: int, alphas_cumprod: torch.Tensor, scheduler_config: dict[str, Any]
+) -> list[InversionStep]:
+    """The walk for label t under `mode` ('exact' or 'authors')."""
     if mode == "exact":
-        return exact_trajectory(t, num_steps, num_train_timesteps)
-    if mode == "grid":
-        return grid_trajectory(t, num_steps, num_train_timesteps, steps_offset)
-    raise ValueError(f"unknown timestep mode {mode!r}; use one of {TIMESTEP_MODES}")
+        return exact_steps(t, num_steps, alphas_cumprod)
+    if mode == "authors":
+        return authors_steps(t, num_steps, alphas_cumprod, scheduler_config)
+    raise ValueError(RETIRED_MODES.get(mode, f"unknown timestep mode {mode!r}; use one of {TIMESTEP_MODES}"))
+
+
+def jump_noise_std(alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor) -> torch.Tensor:
+    """σ of the inversion noise η·σ·z added after a step from ā_from up to ā_to (DESIGN §1.5).
+
+    σ² = (1−ā_from)/(1−ā_to) · (1 − ā_to/ā_from), the DDPM posterior variance of the jump
+    (diffusers' ``DDIMScheduler._get_variance(to, from)``); 0 from the clean image (ā_from = 1).
+    """
+    alpha_bar_from, alpha_bar_to = alpha_bar_from.double(), alpha_bar_to.double()
+    variance = (1 - alpha_bar_from) / (1 - alpha_bar_to) * (1 - alpha_bar_to / alpha_bar_from)
+    return variance.clamp(min=0).sqrt()
 
 
 def guided_noise(

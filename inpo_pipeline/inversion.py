@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,16 +20,19 @@ import torch
 from cache_schema import RowPlan, ShardResult, round_to_storage
 from inpo_pipeline import ddim
 from inpo_pipeline.data import PairRecord, PreparedImage, prepare_image
-from inpo_pipeline.models import SDXL, ReferenceModel, sdxl_time_ids, unet_noise
-from inpo_pipeline.plan import noise_seed
+from inpo_pipeline.models import SDXL, ReferenceModel, constant_time_ids, sdxl_time_ids, unet_noise
+from inpo_pipeline.plan import latent_sample_seed, noise_seed
 
 PromptLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
+VAE_LATENT_MODES = ("mean", "sample")
+
+
 @dataclass(frozen=True)
 class InversionConfig:
-    """Every setting that changes what a row holds."""
+    """Every setting that changes what a row holds (flips and prompt drops are in the plan)."""
 
     resolution: int
     storage_dtype: str = "float16"
@@ -38,10 +42,23 @@ class InversionConfig:
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 8
+    time_ids: str = "original"
+    vae_latent: str = "mean"
 
-    def trajectory(self, t: int, reference: ReferenceModel) -> list[int]:
-        return ddim.trajectory(
-            int(t), self.mode, self.num_steps, reference.num_train_timesteps, reference.steps_offset
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], batch_size: int | None = None) -> InversionConfig:
+        """The configuration a store was made with (settings of schema v1 get v1's fixed choices)."""
+        return cls(
+            resolution=settings["resolution"], storage_dtype=settings["storage_dtype"],
+            mode=settings["timestep_mode"], num_steps=settings["inversion_steps"],
+            guidance=settings["inversion_guidance"], eta=settings["eta"], seed=settings["seed"],
+            batch_size=batch_size or settings["batch_size"],
+            time_ids=settings.get("time_ids", "original"), vae_latent=settings.get("vae_latent", "mean"),
+        )
+
+    def steps(self, t: int, reference: ReferenceModel) -> list[ddim.InversionStep]:
+        return ddim.inversion_steps(
+            int(t), self.mode, self.num_steps, reference.alphas_cumprod, reference.scheduler_config
         )
 
     @property
@@ -75,7 +92,7 @@ class _Job:
 
     row: int
     image: int  # 0 = chosen, 1 = rejected
-    positions: list[int]
+    steps: list[ddim.InversionStep]
     latent: torch.Tensor = field(repr=False)
 
 
@@ -109,14 +126,17 @@ def invert_shard(
 
     prepared = _prepare_pairs(plan, records, config.resolution)
     valid = np.array([prepared[int(s)] is not None for s in plan.source_row], dtype=bool)
-    clean = _encode_pairs(reference, prepared, config.batch_size, device)
+    clean = _encode_rows(reference, plan, prepared, valid, config, device)
 
     time_ids = np.zeros((num_rows, 2, 6), dtype=np.float32)
     for row in np.flatnonzero(valid):
         pair = prepared[int(plan.source_row[row])]
         assert pair is not None
         for image in (0, 1):
-            time_ids[row, image] = sdxl_time_ids(pair[image].original_size, pair[image].crop_top_left, config.resolution)
+            time_ids[row, image] = (
+                constant_time_ids(config.resolution) if config.time_ids == "constant"
+                else sdxl_time_ids(pair[image].original_size, pair[image].crop_top_left, config.resolution)
+            )
 
     prompt_indices = np.concatenate([[0], plan.prompt_index]).astype(np.int64)
     text, pooled = prompt_lookup(prompt_indices)
@@ -136,26 +156,27 @@ def invert_shard(
 
     alphas = reference.alphas_cumprod
     jobs = [
-        _Job(int(row), image, config.trajectory(int(plan.timestep[row]), reference),
-             clean[int(plan.source_row[row])][image])
+        _Job(int(row), image, config.steps(int(plan.timestep[row]), reference), clean[(int(row), image)])
         for row in np.flatnonzero(valid)
         for image in (0, 1)
     ]
-    jobs.sort(key=lambda job: (-len(job.positions), job.row, job.image))
+    jobs.sort(key=lambda job: (-len(job.steps), job.row, job.image))
     steps_taken = np.zeros(num_rows, dtype=np.int16)
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start : start + config.batch_size]
-        _invert_batch(reference, batch, conditioning, config, alphas, plan, counter)
+        _invert_batch(reference, batch, conditioning, config, plan, counter)
     stored_latent = torch.zeros((num_rows, 2, c, h, w))
     stored_target = torch.zeros((num_rows, 2, c, h, w))
     for job in jobs:
-        steps_taken[job.row] = len(job.positions) - 1
+        steps_taken[job.row] = len(job.steps)
         t = torch.tensor([int(plan.timestep[job.row])])
-        x0 = clean[int(plan.source_row[job.row])][job.image].unsqueeze(0).cpu()
+        x0 = clean[(job.row, job.image)].unsqueeze(0).cpu()
         # τ from the x_t as stored, so that the stored pair satisfies x_t = √ā·x0 + √(1−ā)·τ
         # up to τ's own rounding (1/√(1−ā) would amplify x_t's rounding ~34× at t = 0)
         latent = torch.from_numpy(round_to_storage(job.latent.cpu().numpy(), config.storage_dtype))
-        target = ddim.single_step_target(latent.unsqueeze(0), x0, ddim.alpha_bar_at(alphas, t))[0]
+        # in float64: at small t, x_t − √ā·x0 cancels most digits and float32 would leave ~1e-5
+        target = ddim.single_step_target(latent.unsqueeze(0).double(), x0.double(), ddim.alpha_bar_at(alphas, t))[0]
+        target = target.float()
         stored_latent[job.row, job.image] = latent
         stored_target[job.row, job.image] = torch.from_numpy(round_to_storage(target.numpy(), config.storage_dtype))
 
@@ -201,22 +222,43 @@ def _prepare_pairs(
     }
 
 
-def _encode_pairs(
+def _encode_rows(
     reference: ReferenceModel,
+    plan: RowPlan,
     prepared: Mapping[int, tuple[PreparedImage, PreparedImage] | None],
-    batch_size: int,
+    valid: np.ndarray,
+    config: InversionConfig,
     device: torch.device,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """x0 = VAE latents of both images of every decodable pair, in source-row order."""
-    images = [(row, image, pair[image].pixels) for row, pair in sorted(prepared.items()) if pair for image in (0, 1)]
-    latents: dict[tuple[int, int], torch.Tensor] = {}
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        pixels = torch.from_numpy(np.stack([item[2] for item in batch])).to(device)
-        encoded = reference.encode_images(pixels)
-        for (row, image, _), latent in zip(batch, encoded):
-            latents[(row, image)] = latent
-    return {row: (latents[(row, 0)], latents[(row, 1)]) for row, pair in prepared.items() if pair}
+) -> dict[tuple[int, int], torch.Tensor]:
+    """x0 of both images of every valid row: the VAE posterior mean, or a seeded sample of it.
+
+    Each (source row, image, flip) is encoded once, however many rows (timestep draws) use it;
+    a row's flip comes from the plan, its posterior sample z from (seed, source row, draw, image).
+    """
+    wanted = sorted({(int(plan.source_row[row]), image, int(plan.flip[row, image]))
+                     for row in np.flatnonzero(valid) for image in (0, 1)})
+    encoded: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in range(0, len(wanted), config.batch_size):
+        batch = wanted[start : start + config.batch_size]
+        pixels = []
+        for source_row, image, flipped in batch:
+            picture = prepared[source_row][image].pixels  # type: ignore[index]
+            pixels.append(np.ascontiguousarray(picture[:, :, ::-1]) if flipped else picture)
+        mean, std = reference.encode_latent_distribution(torch.from_numpy(np.stack(pixels)).to(device))
+        for key, row_mean, row_std in zip(batch, mean, std):
+            encoded[key] = (row_mean, row_std)
+    clean = {}
+    for row in np.flatnonzero(valid):
+        source_row, draw = int(plan.source_row[row]), int(plan.draw[row])
+        for image in (0, 1):
+            mean, std = encoded[(source_row, image, int(plan.flip[row, image]))]
+            if config.vae_latent == "sample":
+                generator = torch.Generator().manual_seed(latent_sample_seed(config.seed, source_row, draw, image))
+                z = torch.randn(mean.shape, generator=generator).to(mean.device)
+                clean[(int(row), image)] = reference.to_model_latent(mean + std * z)
+            else:
+                clean[(int(row), image)] = reference.to_model_latent(mean)
+    return clean
 
 
 def _invert_batch(
@@ -224,43 +266,40 @@ def _invert_batch(
     batch: list[_Job],
     conditioning: Callable[[list[int], list[int], bool], tuple[torch.Tensor, ...]],
     config: InversionConfig,
-    alphas: torch.Tensor,
     plan: RowPlan,
     counter: WorkCounter,
 ) -> None:
-    """Walk a batch of images up their trajectories; finished images leave the UNet call."""
-    noises = {}
-    if config.eta > 0:
-        for job in batch:
-            generator = torch.Generator().manual_seed(
-                noise_seed(config.seed, int(plan.source_row[job.row]), int(plan.draw[job.row]), job.image)
-            )
-            noises[id(job)] = torch.randn((max(len(job.positions) - 1, 1), *job.latent.shape), generator=generator)
+    """Walk a batch of images up their steps; finished images leave the UNet call.
+
+    Step i: ε at each image's label, DDIM from ā_from to ā_to (DESIGN §1.2), then with η > 0
+    the authors' x ← x + η·σ·z (DESIGN §1.5), z seeded per (seed, row, draw, image, step).
+    """
     capacity = config.batch_size * config.passes_per_step
-    longest = max(len(job.positions) for job in batch) - 1
+    longest = max(len(job.steps) for job in batch)
     for step in range(longest):
-        active = [job for job in batch if len(job.positions) - 1 > step]
+        active = [job for job in batch if len(job.steps) > step]
         rows, images = [job.row for job in active], [job.image for job in active]
         latents = torch.stack([job.latent for job in active])
-        here = torch.tensor([job.positions[step] for job in active])
-        there = torch.tensor([job.positions[step + 1] for job in active])
+        labels = torch.tensor([job.steps[step].label for job in active])
+        alpha_from = torch.tensor([job.steps[step].alpha_bar_from for job in active], dtype=torch.float64)
+        alpha_to = torch.tensor([job.steps[step].alpha_bar_to for job in active], dtype=torch.float64)
         if config.guidance in (0.0, 1.0):
-            noise = _timed_unet(reference, counter, capacity, latents, there,
-                                *conditioning(rows, images, config.guidance == 1.0))
-            guided = noise
+            guided = _timed_unet(reference, counter, capacity, latents, labels,
+                                 *conditioning(rows, images, config.guidance == 1.0))
         else:
             uncond, cond = conditioning(rows, images, False), conditioning(rows, images, True)
             both = _timed_unet(reference, counter, capacity, torch.cat([latents, latents]),
-                               torch.cat([there, there]), *(torch.cat(pair) for pair in zip(uncond, cond)))
+                               torch.cat([labels, labels]), *(torch.cat(pair) for pair in zip(uncond, cond)))
             noise_uncond, noise_cond = both.chunk(2)
             guided = ddim.guided_noise(noise_uncond, noise_cond, config.guidance)
-        moved = ddim.inversion_step(
-            latents, guided.to(latents.device), ddim.alpha_bar_at(alphas, here), ddim.alpha_bar_at(alphas, there)
-        ).float()
+        moved = ddim.inversion_step(latents, guided.to(latents.device), alpha_from, alpha_to).float()
+        noise_std = ddim.jump_noise_std(alpha_from, alpha_to).tolist() if config.eta > 0 else None
         for index, job in enumerate(active):
             job.latent = moved[index]
-            if config.eta > 0:
-                job.latent = job.latent + config.eta * noises[id(job)][step].to(job.latent.device)
+            if noise_std is not None:
+                seed = noise_seed(config.seed, int(plan.source_row[job.row]), int(plan.draw[job.row]), job.image, step)
+                z = torch.randn(job.latent.shape, generator=torch.Generator().manual_seed(seed))
+                job.latent = job.latent + float(config.eta * noise_std[index]) * z.to(job.latent.device)
 
 
 def _reference_errors(

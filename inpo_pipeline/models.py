@@ -268,17 +268,25 @@ class ReferenceModel:
         return self
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents × scaling factor (minus the shift where a VAE has one), float32.
-
-        Uses the mean of the latent distribution: the inversion needs one deterministic x0.
-        """
+    def encode_latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior, float32, in the VAE's own units (see :meth:`to_model_latent`)."""
         assert self.vae is not None
         vae_device = next(self.vae.parameters()).device
         distribution = self.vae.encode(pixels.to(vae_device, torch.float32)).latent_dist
-        latents = distribution.mean
+        return distribution.mean.float(), distribution.std.float()
+
+    def to_model_latent(self, vae_latent: torch.Tensor) -> torch.Tensor:
+        """(VAE latent − shift) × scaling factor: the latents the UNet sees (DESIGN §1 notation).
+
+        Applied after drawing a posterior sample, in the authors' order (``sample() × scale``).
+        """
+        assert self.vae is not None
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).float()
+        return ((vae_latent - shift) * self.vae.config.scaling_factor).float()
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior means in model-latent units (the deterministic x0 of `--vae-latent mean`)."""
+        return self.to_model_latent(self.encode_latent_distribution(pixels)[0])
 
 
 def load_reference(
@@ -344,3 +352,11 @@ def unet_noise(
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> np.ndarray:
     """SDXL's size conditioning: (orig h, orig w, crop top, crop left, target h, target w)."""
     return np.array([*original_size, *crop_top_left, resolution, resolution], dtype=np.float32)
+
+
+TIME_ID_MODES = ("original", "constant")
+
+
+def constant_time_ids(resolution: int) -> np.ndarray:
+    """The authors' SDXL conditioning (R, R, 0, 0, R, R) whatever the image's size (DESIGN §1.5)."""
+    return sdxl_time_ids((resolution, resolution), (0, 0), resolution)

@@ -40,10 +40,33 @@ def sample_timesteps(seed: int, source_row: np.ndarray, draw: np.ndarray, num_tr
     return (keys % np.uint64(num_train_timesteps)).astype(np.int32)
 
 
-def noise_seed(seed: int, source_row: int, draw: int, image: int) -> int:
-    """Seed of the per-step inversion noise (`--eta`) of one image of one row."""
+def _uniform(keys: np.ndarray) -> np.ndarray:
+    """A 64-bit key -> a float64 in [0, 1) (its top 53 bits)."""
+    return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def noise_seed(seed: int, source_row: int, draw: int, image: int, step: int) -> int:
+    """Seed of the inversion noise z (`--eta`) of one image of one row at one step (DESIGN §1.5)."""
     key = row_keys(seed, np.array([source_row]), np.array([draw]), salt=2 + image)[0]
+    key = splitmix64(np.array([key ^ np.uint64(step)], dtype=np.uint64))[0]
     return int(key & np.uint64(0x7FFFFFFFFFFFFFFF))
+
+
+def latent_sample_seed(seed: int, source_row: int, draw: int, image: int) -> int:
+    """Seed of the VAE posterior sample z of one image of one row (`--vae-latent sample`)."""
+    key = row_keys(seed, np.array([source_row]), np.array([draw]), salt=5 + image)[0]
+    return int(key & np.uint64(0x7FFFFFFFFFFFFFFF))
+
+
+def sample_flips(seed: int, source_row: np.ndarray, draw: np.ndarray, probability: float) -> np.ndarray:
+    """(rows, 2) uint8: whether each image of a row is flipped horizontally (`--flip P`)."""
+    flips = [_uniform(row_keys(seed, source_row, draw, salt=20 + image)) < probability for image in (0, 1)]
+    return np.stack(flips, axis=1).astype(np.uint8)
+
+
+def sample_prompt_drops(seed: int, source_row: np.ndarray, draw: np.ndarray, probability: float) -> np.ndarray:
+    """Whether a row is inverted, referenced and trained with "" (`--inversion-prompt-dropout P`)."""
+    return _uniform(row_keys(seed, source_row, draw, salt=30)) < probability
 
 
 @dataclass
@@ -62,9 +85,11 @@ class Plan:
 
     source_row: np.ndarray
     draw: np.ndarray
-    prompt_index: np.ndarray
+    prompt_index: np.ndarray  # the prompt the row is inverted and trained with (0 = "")
     timestep: np.ndarray
     prompts: list[str]
+    caption_index: np.ndarray  # the pair's own caption, whatever prompt_index says
+    flip: np.ndarray  # (rows, 2) uint8
     counts: FilterCounts = field(default_factory=FilterCounts)
 
     @property
@@ -80,8 +105,14 @@ def build_plan(
     num_train_timesteps: int,
     rows_per_window: int,
     max_pairs: int | None = None,
+    prompt_dropout: float = 0.0,
+    flip: float = 0.0,
 ) -> Plan:
-    """Drop ties, index prompts, draw t, and permute rows with the seed.
+    """Drop ties, index prompts, draw t, flips and prompt drops, and permute rows with the seed.
+
+    A row drawn for prompt dropout (probability `prompt_dropout`, DESIGN §1.5) gets prompt 0,
+    the empty prompt, *before* anything is computed, as the released code drops 20% of prompts:
+    it is inverted, referenced and trained with "". Its caption stays in `caption_index`.
 
     Permutation: rows are cut, in source order, into windows of `rows_per_window`; rows are
     shuffled inside each window and the full windows are shuffled among themselves (a partial
@@ -115,7 +146,12 @@ def build_plan(
     order = window_permutation(len(source_row), rows_per_window, seed)
     source_row, prompt_index, draw = source_row[order], prompt_index[order], draw[order]
     timestep = sample_timesteps(seed, source_row, draw, num_train_timesteps)
-    return Plan(source_row, draw, prompt_index, timestep, list(prompts), counts)
+    caption_index = prompt_index
+    if prompt_dropout > 0:
+        prompt_index = np.where(sample_prompt_drops(seed, source_row, draw, prompt_dropout), 0, caption_index)
+    flips = sample_flips(seed, source_row, draw, flip)
+    return Plan(source_row, draw, prompt_index.astype(np.int32), timestep, list(prompts),
+                caption_index.astype(np.int32), flips, counts)
 
 
 def window_permutation(num_rows: int, rows_per_window: int, seed: int) -> np.ndarray:

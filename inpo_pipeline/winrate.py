@@ -98,3 +98,37 @@ def summary_stats(values: Sequence[float]) -> dict[str, float | int]:
         "median": statistics.median(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
     }
+
+
+def clustered_bootstrap(
+    values: Any, statistic: str = "mean", resamples: int = 4000, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """A statistic of paired differences over training runs × prompts × seeds, with a 95% interval.
+
+    `values` has shape (runs, prompts, seeds): one paired difference (aligned − base) per training
+    run and held-out sample. The percentile interval resamples, at each level with replacement,
+    the training runs, then the prompts, then the seeds within each resampled prompt, so it holds
+    the seed-to-seed spread of training and the correlation of one prompt's samples, which a
+    Wilson interval over all samples as if independent leaves out. `statistic`: "mean" (Δ) or
+    "win_rate" (share > 0, ties = exactly 0 count half).
+    """
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 3 or min(data.shape) < 1:
+        raise ValueError("values must have shape (runs, prompts, seeds), each at least 1")
+    if statistic == "win_rate":
+        data = np.where(data > 0, 1.0, np.where(data < 0, 0.0, 0.5))
+    elif statistic != "mean":
+        raise ValueError(f"statistic must be mean or win_rate, not {statistic!r}")
+    runs, prompts, seeds = data.shape
+    rng = np.random.default_rng(seed)
+    run_pick = rng.integers(0, runs, (resamples, runs))
+    prompt_pick = rng.integers(0, prompts, (resamples, prompts))
+    seed_pick = rng.integers(0, seeds, (resamples, prompts, seeds))
+    estimates = np.empty(resamples)
+    for r in range(resamples):
+        chosen = data[run_pick[r]][:, prompt_pick[r]]  # (runs, prompts, seeds)
+        estimates[r] = np.take_along_axis(chosen, seed_pick[r][None].repeat(runs, axis=0), axis=2).mean()
+    low, high = np.quantile(estimates, [0.025, 0.975])
+    return float(data.mean()), (float(low), float(high))

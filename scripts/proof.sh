@@ -16,11 +16,11 @@ INVERT="--timesteps-per-pair 2 --batch-size 64 --rows-per-shard 128 --shards-per
 # 1. preference data: the base model's own pairs, labelled by the reward, shuffled, reversed
 $INPO world data --out "$OUT/data" --pairs-per-prompt "$PAIRS" --labeling reward --labeling shuffled --labeling reversed
 
-# 2. stage one: one store per labelling (exact timesteps), and one with the authors' grid
+# 2. stage one: one store per labelling (the inpo recipe: exact timesteps), and one with the authors' recipe
 for labels in reward shuffled reversed; do
-  $INPO invert --model worlds/shapes --data "$OUT/data/$labels.parquet" --out "$OUT/$labels-exact.zarr" $INVERT --timestep-mode exact
+  $INPO invert --model worlds/shapes --data "$OUT/data/$labels.parquet" --out "$OUT/$labels-exact.zarr" $INVERT --recipe inpo
 done
-$INPO invert --model worlds/shapes --data "$OUT/data/reward.parquet" --out "$OUT/reward-grid.zarr" $INVERT --timestep-mode grid
+$INPO invert --model worlds/shapes --data "$OUT/data/reward.parquet" --out "$OUT/reward-authors.zarr" $INVERT --recipe authors
 
 # 3. stage two: main result and controls at the chosen defaults
 for labels in reward shuffled reversed; do
@@ -34,9 +34,9 @@ for beta in 500 5000; do
   $INPO train --cache "$OUT/reward-exact.zarr" --out "$OUT/runs/beta-$beta" --beta "$beta" --steps 200 $TRAIN --checkpoint-every 50
 done
 $INPO train --cache "$OUT/reward-exact.zarr" --out "$OUT/runs/beta-$BETA-long" --beta "$BETA" --steps 200 $TRAIN --checkpoint-every 50
-$INPO train --cache "$OUT/reward-grid.zarr" --out "$OUT/runs/grid" --beta "$BETA" --steps "$STEPS" $TRAIN --checkpoint-every "$STEPS"
+$INPO train --cache "$OUT/reward-authors.zarr" --out "$OUT/runs/authors" --beta "$BETA" --steps "$STEPS" $TRAIN --checkpoint-every "$STEPS"
 RUNS=()
 for beta in 500 5000 "$BETA-long"; do
   for step in 50 100 200; do RUNS+=(--run "beta-$beta@$step=$OUT/runs/beta-$beta@$step"); done
 done
-$INPO world eval --eval-seeds "$SEEDS" "${RUNS[@]}" --run "grid=$OUT/runs/grid" --json "$OUT/sweep.json"
+$INPO world eval --eval-seeds "$SEEDS" "${RUNS[@]}" --run "authors=$OUT/runs/authors" --json "$OUT/sweep.json"

@@ -178,7 +178,7 @@ class DemoOptions:
     grad_accum: int = 1
     warmup: int = 10
     prompt_dropout: float = 0.1
-    timestep_mode: str = "exact"
+    recipe: str = "inpo"
     timesteps_per_pair: int = 2
     inversion_steps: int = 10
     sample_steps: int = 20
@@ -208,7 +208,7 @@ def invert_and_train(model: Path, data: Path, work: Path, options: DemoOptions, 
 
     store, run = work / "store.zarr", work / "run"
     run_invert(InvertOptions(
-        model=str(model), data=str(data), out=str(store), timestep_mode=options.timestep_mode,
+        model=str(model), data=str(data), out=str(store), recipe=options.recipe,
         timesteps_per_pair=options.timesteps_per_pair, inversion_steps=options.inversion_steps,
         batch_size=64, rows_per_shard=128, shards_per_window=4, seed=options.seed, overwrite=True,
         device="cpu",

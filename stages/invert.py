@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,14 +18,15 @@ import numpy as np
 import torch
 
 import inpo_pipeline
-from cache_schema import CacheStore, RowPlan, StoreError, StoreLayout, now_iso
+from cache_schema import SCHEMA_VERSION, CacheStore, RowPlan, StoreError, StoreLayout, now_iso
 from inpo_pipeline import ddim
 from inpo_pipeline.data import DataError, describe_source, open_source
 from inpo_pipeline.distributed import process_state
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.inversion import InversionConfig, WorkCounter, invert_shard, latent_shape
-from inpo_pipeline.models import ReferenceModel, load_reference
+from inpo_pipeline.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
+from inpo_pipeline.models import TIME_ID_MODES, ReferenceModel, load_reference
 from inpo_pipeline.plan import build_plan
+from inpo_pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
 from inpo_pipeline.reporting import Reporter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,7 +34,10 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 @dataclass
 class InvertOptions:
-    """The options of `inpo invert` (see the CLI for their help)."""
+    """The options of `inpo invert` (see the CLI for their help).
+
+    The inversion settings left at None take the value of `recipe` (see inpo_pipeline.recipes).
+    """
 
     model: str
     data: str
@@ -40,10 +45,15 @@ class InvertOptions:
     split: str | None = None
     resolution: int | None = None
     max_pairs: int | None = None
-    inversion_steps: int = 10
-    inversion_guidance: float = 0.0
-    timestep_mode: str = "exact"
-    eta: float = 0.0
+    recipe: str = DEFAULT_RECIPE
+    inversion_steps: int | None = None
+    inversion_guidance: float | None = None
+    timestep_mode: str | None = None
+    eta: float | None = None
+    inversion_prompt_dropout: float | None = None
+    time_ids: str | None = None
+    vae_latent: str | None = None
+    flip: float | None = None
     timesteps_per_pair: int = 1
     batch_size: int = 8
     dtype: str = "float16"
@@ -57,11 +67,27 @@ class InvertOptions:
     prompts_per_chunk: int = 256
     device: str | None = None
 
+    def resolve_recipe(self) -> None:
+        """Fill every inversion setting not given explicitly from the recipe."""
+        if self.recipe not in RECIPES:
+            raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
+        for name, value in recipe_values(self.recipe).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self) -> None:
+        self.resolve_recipe()
+        if self.timestep_mode in ddim.RETIRED_MODES:
+            raise UserError(ddim.RETIRED_MODES[self.timestep_mode])
         checks = [
             (self.inversion_steps >= 1, "--inversion-steps must be at least 1"),
             (self.timestep_mode in ddim.TIMESTEP_MODES, f"--timestep-mode must be one of {ddim.TIMESTEP_MODES}"),
-            (self.eta >= 0, "--eta must be >= 0"),
+            (math.isfinite(self.inversion_guidance), "--inversion-guidance must be a finite number"),
+            (math.isfinite(self.eta) and self.eta >= 0, "--eta must be >= 0"),
+            (0 <= self.inversion_prompt_dropout <= 1, "--inversion-prompt-dropout must be between 0 and 1"),
+            (0 <= self.flip <= 1, "--flip must be between 0 and 1"),
+            (self.time_ids in TIME_ID_MODES, f"--time-ids must be one of {', '.join(TIME_ID_MODES)}"),
+            (self.vae_latent in VAE_LATENT_MODES, f"--vae-latent must be one of {', '.join(VAE_LATENT_MODES)}"),
             (self.timesteps_per_pair >= 1, "--timesteps-per-pair must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.dtype in ("float16", "float32", "bfloat16"), "--dtype must be float16, bfloat16 or float32"),
@@ -89,10 +115,15 @@ def store_settings(options: InvertOptions, reference: ReferenceModel, resolution
         "storage_dtype": options.dtype,
         "compute_dtype": options.compute_dtype,
         "batch_size": options.batch_size,
+        "recipe": options.recipe,
         "timestep_mode": options.timestep_mode,
         "inversion_steps": options.inversion_steps,
         "inversion_guidance": options.inversion_guidance,
         "eta": options.eta,
+        "inversion_prompt_dropout": options.inversion_prompt_dropout,
+        "time_ids": options.time_ids,
+        "vae_latent": options.vae_latent,
+        "flip": options.flip,
         "timesteps_per_pair": options.timesteps_per_pair,
         "seed": options.seed,
         "max_pairs": options.max_pairs,
@@ -146,11 +177,7 @@ def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict
         raise UserError(f"{options.out} changed under this run (another `inpo invert` with other settings?)")
 
     reference.to(device, COMPUTE_DTYPES[options.compute_dtype])
-    config = InversionConfig(
-        resolution=resolution, storage_dtype=options.dtype, mode=options.timestep_mode,
-        num_steps=options.inversion_steps, guidance=options.inversion_guidance, eta=options.eta,
-        seed=options.seed, batch_size=options.batch_size,
-    )
+    config = InversionConfig.from_settings(settings)
     try:
         _encode_prompts(store, reference, state, device, options.batch_size, reporter)
         state.wait_for_everyone()
@@ -192,6 +219,11 @@ def _prepare_store(
         elif not attrs:
             raise UserError(f"{out} exists and is not an inpo cache store; choose another --out")
         else:
+            if attrs.get("schema_version") != SCHEMA_VERSION and attrs.get("state") == "ready":
+                raise UserError(
+                    f"{out} is a cache of schema v{attrs.get('schema_version')} made by an earlier inpo; "
+                    "it cannot be resumed by this version: choose another --out, or --overwrite to re-create it"
+                )
             differences = _settings_difference(attrs.get("settings", {}), settings)
             if differences:
                 raise UserError(
@@ -215,7 +247,7 @@ def _prepare_store(
         plan = build_plan(
             source.scan(), seed=options.seed, timesteps_per_pair=options.timesteps_per_pair,
             num_train_timesteps=reference.num_train_timesteps, rows_per_window=layout_rows,
-            max_pairs=options.max_pairs,
+            max_pairs=options.max_pairs, prompt_dropout=options.inversion_prompt_dropout, flip=options.flip,
         )
     if plan.num_rows == 0:
         raise UserError(
@@ -245,7 +277,8 @@ def _prepare_store(
     try:
         CacheStore.create(
             out, layout, settings, provenance,
-            RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw), plan.prompts,
+            RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw, plan.caption_index, plan.flip),
+            plan.prompts,
         )
     except StoreError as error:
         raise UserError(str(error)) from error

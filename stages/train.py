@@ -24,6 +24,7 @@ from inpo_pipeline.errors import UserError
 from inpo_pipeline.loss import inpo_loss
 from inpo_pipeline.models import DEFAULT_BETA, SDXL
 from inpo_pipeline.policy import export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters
+from inpo_pipeline.recipes import store_warnings, train_prompt_dropout_default
 from inpo_pipeline.reporting import Reporter
 
 CHECKPOINTS = "checkpoints"
@@ -31,6 +32,12 @@ STATE_FILE = "training_state.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LR_PER_SAMPLE = 1e-8  # the authors' rule: lr = 1e-8 × effective batch (1.024e-5 at 1024)
+PRECISION_OF_COMPUTE_DTYPE = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def store_precision(settings: dict[str, Any]) -> str:
+    """The mixed precision under which the store's e_ref was computed (so step 0 gives log 2)."""
+    return PRECISION_OF_COMPUTE_DTYPE.get(settings.get("compute_dtype", "float32"), "no")
 
 
 class TrainingDiverged(UserError):
@@ -49,11 +56,11 @@ class TrainOptions:
     batch_size: int = 8
     grad_accum: int = 16
     warmup: int = 200
-    prompt_dropout: float = 0.2
+    prompt_dropout: float | None = None
     optimizer: str | None = None
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     lora_rank: int = 0
     checkpoint_every: int = 100
@@ -71,9 +78,9 @@ class TrainOptions:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.warmup >= 0, "--warmup must be >= 0"),
-            (0 <= self.prompt_dropout <= 1, "--prompt-dropout must be between 0 and 1"),
+            (self.prompt_dropout is None or 0 <= self.prompt_dropout <= 1, "--prompt-dropout must be between 0 and 1"),
             (self.optimizer in (None, "adamw", "adafactor"), "--optimizer must be adamw or adafactor"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+            (self.mixed_precision in (None, "no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
@@ -85,9 +92,14 @@ class TrainOptions:
             if not ok:
                 raise UserError(message)
 
-    def resolved(self, family: str, effective_batch: int) -> TrainOptions:
-        """The options with the family's defaults filled in (the authors' recipe)."""
+    def resolved(self, settings: dict[str, Any], effective_batch: int) -> TrainOptions:
+        """The options with the store's defaults filled in (the authors' training recipe, DESIGN §1.5)."""
+        family = settings["family"]
         values = asdict(self)
+        if self.prompt_dropout is None:
+            values["prompt_dropout"] = train_prompt_dropout_default(settings)
+        if self.mixed_precision is None:
+            values["mixed_precision"] = store_precision(settings)
         values["beta"] = self.beta if self.beta is not None else DEFAULT_BETA[family]
         values["lr"] = self.lr if self.lr is not None else LR_PER_SAMPLE * effective_batch
         values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
@@ -175,14 +187,16 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     settings = store.settings
     family = settings["family"]
 
-    _forget_other_precision(options.mixed_precision)
+    mixed_precision = options.mixed_precision or store_precision(settings)
+    _forget_other_precision(mixed_precision)
     accelerator = Accelerator(
-        mixed_precision=options.mixed_precision, gradient_accumulation_steps=options.grad_accum,
+        mixed_precision=mixed_precision, gradient_accumulation_steps=options.grad_accum,
         cpu=not torch.cuda.is_available(), log_with=_trackers(), project_dir=options.out,
     )
     reporter = reporter or Reporter(enabled=accelerator.is_main_process)
     effective_batch = options.batch_size * accelerator.num_processes * options.grad_accum
-    options = options.resolved(family, effective_batch)
+    prompt_dropout_given = options.prompt_dropout is not None
+    options = options.resolved(settings, effective_batch)
     rows = store.valid_rows()
     schedule = BatchSchedule(rows, options.batch_size, accelerator.num_processes, accelerator.process_index,
                              options.seed, options.prompt_dropout)
@@ -207,8 +221,16 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         + f", mixed precision {options.mixed_precision}"
     )
 
-    expected_precision = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}.get(settings.get("compute_dtype"))
-    if expected_precision and expected_precision != options.mixed_precision:
+    for warning in store_warnings(settings):
+        reporter.line(f"warning: {warning}")
+    if prompt_dropout_given and options.prompt_dropout > 0 and float(settings.get("inversion_guidance", 0.0)) != 0.0:
+        reporter.line(
+            f"warning: --prompt-dropout {options.prompt_dropout} on a store inverted with its captions "
+            f"(w_inv {settings['inversion_guidance']}): the dropped rows train on \"\" with x_t and τ that were "
+            "inverted with their caption, as asked; the authors drop before inversion (--inversion-prompt-dropout)"
+        )
+    expected_precision = store_precision(settings)
+    if expected_precision != options.mixed_precision:
         reporter.line(
             f"warning: the store's reference errors were computed with compute dtype {settings['compute_dtype']} "
             f"but this run uses --mixed-precision {options.mixed_precision}: the step-0 loss will differ from "

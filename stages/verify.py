@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore, RowPlan
+from inpo_pipeline import ddim
 from inpo_pipeline.data import reopen_source
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import InversionConfig, invert_shard
@@ -47,11 +48,9 @@ def recompute_rows(store: CacheStore, count: int, seed: int, device: torch.devic
     if reference.unet_fingerprint != settings["unet_fingerprint"]:
         raise UserError("the model found at the recorded path has other UNet weights than the store's reference")
     reference.to(device, COMPUTE_DTYPES[settings["compute_dtype"]])
-    config = InversionConfig(
-        resolution=settings["resolution"], storage_dtype=settings["storage_dtype"],
-        mode=settings["timestep_mode"], num_steps=settings["inversion_steps"],
-        guidance=settings["inversion_guidance"], eta=settings["eta"], seed=settings["seed"], batch_size=8,
-    )
+    if settings["timestep_mode"] not in ddim.TIMESTEP_MODES:
+        return [f"rows of timestep mode {settings['timestep_mode']!r} cannot be recomputed: that mode was retired"]
+    config = InversionConfig.from_settings(settings, batch_size=8)
     stored = store.read_rows(rows)
     plan: RowPlan = store.read_plan(rows)
     records = {r.source_row: r for r in source.read(np.unique(plan.source_row))}

@@ -157,7 +157,7 @@ def test_create_open_round_trip(tmp_path: Path, kind: str) -> None:
     attrs = store.attributes
     assert attrs["state"] == "ready"
     assert attrs["schema"] == SCHEMA_NAME == "inpo.cache"
-    assert attrs["schema_version"] == SCHEMA_VERSION == 1
+    assert attrs["schema_version"] == SCHEMA_VERSION == 2
     assert CacheStore.read_attributes(path)["state"] == "ready"
 
     back = store.read_plan(slice(None))
@@ -219,7 +219,7 @@ def test_open_non_inpo_zarr_group(tmp_path: Path) -> None:
 def test_open_other_schema_version(tmp_path: Path) -> None:
     new_store(tmp_path / "store")
     zarr.open_group(str(tmp_path / "store"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(StoreError, match=r"schema version 2.*re-create"):
+    with pytest.raises(StoreError, match=r"schema version 3.*re-create"):
         CacheStore.open(tmp_path / "store")
 
 
@@ -757,10 +757,11 @@ def test_done_flags_and_shard_data_are_separate_objects(tmp_path: Path) -> None:
     ("kind", "storage_dtype", "raw_bytes"),
     [
         # 4 latents x 256 values x 2 B + 2 errors x 2 x 4 B + u1 + i2 + i4 + i4 + i8 + i2
-        ("sd", "float16", 4 * 256 * 2 + 16 + 21),
-        ("sd", "bfloat16", 2085),
+        # + the v2 plan arrays caption_index (i4) and flip (2 x u1)
+        ("sd", "float16", 4 * 256 * 2 + 16 + 21 + 6),
+        ("sd", "bfloat16", 2091),
         # + 2 time-id arrays x 6 x 4 B, 4-byte latents
-        ("sdxl", "float32", 4 * 256 * 4 + 16 + 48 + 21),
+        ("sdxl", "float32", 4 * 256 * 4 + 16 + 48 + 21 + 6),
     ],
 )
 def test_summary(tmp_path: Path, kind: str, storage_dtype: str, raw_bytes: int) -> None:
@@ -793,7 +794,7 @@ def test_summary(tmp_path: Path, kind: str, storage_dtype: str, raw_bytes: int) 
     assert summary["unet_row_evaluations"] == 6.0 * 4 + 6.0 * 2
     assert summary["padded_row_evaluations"] == 0.0 + 2.0
     assert summary["inversion_seconds"] == pytest.approx(0.25 + 2.25)
-    assert summary["schema"] == "inpo.cache v1"
+    assert summary["schema"] == "inpo.cache v2"
     assert summary["layout"] == store.layout.to_json()
     assert summary["settings"] == SETTINGS and summary["provenance"] == PROVENANCE
     json.dumps(summary)  # `inpo cache info --json` must be able to print it

@@ -13,13 +13,16 @@ from inpo_pipeline.ddim import (
     CLEAN,
     alpha_bar_at,
     exact_trajectory,
-    grid_trajectory,
+    authors_departures,
+    authors_steps,
+    exact_steps,
+    inversion_steps,
+    jump_noise_std,
     guided_noise,
     inversion_step,
     per_sample_mse,
     predicted_clean,
     single_step_target,
-    trajectory,
 )
 
 T = 1000
@@ -201,61 +204,89 @@ def test_exact_trajectory_rejects_out_of_range(bad):
     with pytest.raises(ValueError):
         exact_trajectory(bad, 10, T)
     with pytest.raises(ValueError):
-        grid_trajectory(bad, 10, T)
+        authors_steps(bad, 10, torch.linspace(0.999, 0.005, T, dtype=torch.float64), SD_SCHEDULER)
 
 
-# --------------------------------------------------------------------------- grid trajectory
+# --------------------------------------------------------------------------- the authors' walk
+SD_SCHEDULER = {"steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False}
 
 
-def test_grid_trajectory_examples_offset0():
-    assert grid_trajectory(0, 10) == [-1]
-    assert grid_trajectory(1, 10, steps_offset=0) == [-1, 0]
-    assert grid_trajectory(100, 10) == [-1, 0]
-    assert grid_trajectory(101, 10) == [-1, 0, 100]
-    assert grid_trajectory(250, 10) == [-1, 0, 100, 200]
-    assert grid_trajectory(999, 10) == [-1] + [100 * j for j in range(10)]
+def test_authors_departures_sd_leading_offset1():
+    """diffusers 0.20's rolled grid for SD's scheduler: [-99, 1, 101, ..., 801], stride 100 (DESIGN §1.5)."""
+    departures, stride = authors_departures(10, T, steps_offset=1, timestep_spacing="leading")
+    assert stride == 100
+    assert departures == [-99] + [100 * j + 1 for j in range(9)]
 
 
-def test_grid_trajectory_examples_offset1():
-    assert grid_trajectory(0, 10, steps_offset=1) == [-1]
-    assert grid_trajectory(1, 10, steps_offset=1) == [-1]
-    assert grid_trajectory(2, 10, steps_offset=1) == [-1, 1]
-    assert grid_trajectory(101, 10, steps_offset=1) == [-1, 1]
-    assert grid_trajectory(102, 10, steps_offset=1) == [-1, 1, 101]
-    assert grid_trajectory(250, 10, steps_offset=1) == [-1, 1, 101, 201]
-    assert grid_trajectory(999, 10, steps_offset=1) == [-1] + [100 * j + 1 for j in range(10)]
+def test_authors_departures_other_grids():
+    assert authors_departures(10, T, steps_offset=0)[0] == [-100] + [100 * j for j in range(9)]
+    # trailing: grid 99, 199, ..., 999 rolled: [-1, 99, ..., 899]
+    assert authors_departures(10, T, timestep_spacing="trailing")[0] == [-1] + [100 * j + 99 for j in range(9)]
+    assert authors_departures(4, T, steps_offset=1)[0] == [-249, 1, 251, 501]
+    with pytest.raises(ValueError, match="leading or trailing"):
+        authors_departures(10, T, timestep_spacing="linspace")
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_grid_trajectory_only_grid_points_strictly_below_t(offset):
-    grid = {100 * j + offset for j in range(10)}
-    for t in range(T):
-        path = grid_trajectory(t, 10, T, steps_offset=offset)
-        assert path[0] == CLEAN
-        assert path[1:] == sorted(g for g in grid if g < t)
-        assert all(p < t for p in path)
+def test_authors_steps_labels_and_alphas(alphas_cumprod):
+    """Departure labels, ā_{-99} = ā_0 without set_alpha_to_one (1 with it), destination ā_{d+100}."""
+    a = alphas_cumprod.tolist()
+    steps = authors_steps(102, 10, alphas_cumprod, SD_SCHEDULER)
+    assert [s.label for s in steps] == [-99, 1, 101]
+    assert [s.alpha_bar_from for s in steps] == [a[0], a[1], a[101]]
+    assert [s.alpha_bar_to for s in steps] == [a[1], a[101], a[201]]
+    assert authors_steps(0, 10, alphas_cumprod, SD_SCHEDULER)[0].alpha_bar_from == a[0]
+    with_one = authors_steps(0, 10, alphas_cumprod, {**SD_SCHEDULER, "set_alpha_to_one": True})
+    assert with_one[0].alpha_bar_from == 1.0
 
 
-@pytest.mark.parametrize(
-    "offset, expected_mean",
-    # UNet calls = grid points g_j = 100 j + offset strictly below t; for t ~ U{0..999}:
-    # sum_j #{t : t > 100 j + offset} = sum_j (999 - offset - 100 j) = 10 (999 - offset) - 4500
-    [(0, Fraction(5490, 1000)), (1, Fraction(5480, 1000))],
-)
-def test_grid_trajectory_mean_unet_calls(offset, expected_mean):
-    calls = sum(len(grid_trajectory(t, 10, T, steps_offset=offset)) - 1 for t in range(T))
-    assert Fraction(calls, T) == expected_mean
-    # offset 1 (SD's steps_offset): 5.48 calls on average, not the 6.4 quoted in DESIGN §1.5
-    if offset == 1:
-        assert calls / T == pytest.approx(5.48, abs=0)
+@pytest.mark.parametrize("t, count, level", [
+    (0, 1, 1), (1, 1, 1), (2, 2, 101), (50, 2, 101), (101, 2, 101), (102, 3, 201), (150, 3, 201),
+    (500, 6, 501), (801, 9, 801), (802, 10, 901), (901, 10, 901), (902, 10, 901), (999, 10, 901),
+])
+def test_authors_steps_count_and_final_level(alphas_cumprod, t, count, level):
+    """At least one step; the walk ends at d_last + 100 (≥ t for t ≤ 901, 901 above)."""
+    steps = authors_steps(t, 10, alphas_cumprod, SD_SCHEDULER)
+    assert len(steps) == count
+    assert steps[-1].alpha_bar_to == alphas_cumprod[level].item()
 
 
-def test_trajectory_dispatch():
-    assert trajectory(250, "exact", 10) == exact_trajectory(250, 10)
-    assert trajectory(250, "grid", 10, steps_offset=1) == grid_trajectory(250, 10, steps_offset=1)
-    assert set(ddim.TIMESTEP_MODES) == {"exact", "grid"}
-    with pytest.raises(ValueError):
-        trajectory(250, "linear", 10)
+def test_authors_mean_unet_calls_is_6_382(alphas_cumprod):
+    """Mean UNet calls per image over t ~ U{0..999}: 2·1 + 100·(2+…+9) + 198·10 = 6382 per 1000."""
+    calls = sum(len(authors_steps(t, 10, alphas_cumprod, SD_SCHEDULER)) for t in range(T))
+    assert Fraction(calls, T) == Fraction(6382, 1000)
+
+
+def test_exact_steps_follow_the_trajectory(alphas_cumprod):
+    steps = exact_steps(200, 10, alphas_cumprod)
+    assert [s.label for s in steps] == exact_trajectory(200, 10)[1:]
+    assert steps[0].alpha_bar_from == 1.0
+    assert steps[-1].alpha_bar_to == alphas_cumprod[200].item()
+    assert all(a.alpha_bar_to == b.alpha_bar_from for a, b in zip(steps, steps[1:]))
+
+
+def test_jump_noise_std_is_the_ddpm_posterior_std(alphas_cumprod):
+    """σ² = (1−ā_d)/(1−ā_{d+s})·(1 − ā_{d+s}/ā_d), diffusers' DDIMScheduler._get_variance(d+s, d)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False)
+    scheduler.set_timesteps(10)
+    for d in (1, 101, 401, 801):
+        expected = scheduler._get_variance(d + 100, d).double().sqrt().item()
+        got = jump_noise_std(alphas_cumprod[d : d + 1], alphas_cumprod[d + 100 : d + 101]).item()
+        assert got == pytest.approx(expected, rel=1e-5)
+    # from the clean image there is nothing to add
+    assert jump_noise_std(torch.tensor([1.0]), alphas_cumprod[5:6]).item() == 0.0
+
+
+def test_inversion_steps_dispatch_and_retired_grid(alphas_cumprod):
+    assert inversion_steps(250, "exact", 10, alphas_cumprod, SD_SCHEDULER) == exact_steps(250, 10, alphas_cumprod)
+    assert inversion_steps(250, "authors", 10, alphas_cumprod, SD_SCHEDULER) == \
+        authors_steps(250, 10, alphas_cumprod, SD_SCHEDULER)
+    assert set(ddim.TIMESTEP_MODES) == {"exact", "authors"}
+    with pytest.raises(ValueError, match="grid was removed"):
+        inversion_steps(250, "grid", 10, alphas_cumprod, SD_SCHEDULER)
+    with pytest.raises(ValueError, match="unknown timestep mode"):
+        inversion_steps(250, "linear", 10, alphas_cumprod, SD_SCHEDULER)
 
 
 # --------------------------------------------------------------------------- guided noise

@@ -147,28 +147,36 @@ def test_result_does_not_depend_on_other_shards_or_batch_of_rows(tiny_sd15, clea
 
 
 def test_settings_change_the_rows(tiny_sd15, clean_pairs):
-    """Guidance, grid mode and eta each change x_t; grid mode takes fewer steps; eta is seeded."""
+    """Guidance, the authors' mode, eta, the VAE sample and flips each change x_t; eta and samples are seeded."""
     reference = load_reference(str(tiny_sd15))
     plan, records, lookup = _shard_inputs(reference, clean_pairs, None)
     cpu = torch.device("cpu")
 
-    def run(**kwargs):
+    def run(plan=plan, **kwargs):
         return invert_shard(reference, plan, records, lookup, InversionConfig(resolution=RESOLUTION, **kwargs), cpu)
 
     base, base_work = run()
     conditional, _ = run(guidance=1.0)
     cfg, cfg_work = run(guidance=3.0)
-    grid, _ = run(mode="grid")
+    authors, _ = run(mode="authors")
     noisy, _ = run(eta=0.1, seed=1)
     noisy_again, _ = run(eta=0.1, seed=1)
     noisy_other, _ = run(eta=0.1, seed=2)
-    for other in (conditional, cfg, grid, noisy):
+    sampled, _ = run(vae_latent="sample", seed=1)
+    sampled_again, _ = run(vae_latent="sample", seed=1)
+    flipped_plan = RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw,
+                           flip=np.tile(np.array([[1, 0]], dtype=np.uint8), (len(plan.timestep), 1)))
+    flipped, _ = run(plan=flipped_plan)
+    for other in (conditional, cfg, authors, noisy, sampled):
         assert not np.array_equal(base.latent_chosen, other.latent_chosen)
     assert np.array_equal(noisy.latent_chosen, noisy_again.latent_chosen)
+    assert np.array_equal(sampled.latent_chosen, sampled_again.latent_chosen)
     assert not np.array_equal(noisy.latent_chosen, noisy_other.latent_chosen)
-    # grid with steps_offset 1: points 1, 101, ... strictly below t = (0, 37, 499, 500, 998, 999)
-    assert grid.inversion_steps.tolist() == [0, 1, 5, 5, 10, 10]
-    # t = 0 in grid mode: no walk, x_t is x0 itself (the authors' behaviour)
+    # a flip of the chosen image only changes the chosen image's rows
+    assert not np.array_equal(base.latent_chosen, flipped.latent_chosen)
+    assert np.array_equal(base.latent_rejected, flipped.latent_rejected)
+    # the authors' departures [-99, 1, 101, ..., 801] strictly below t = (0, 37, 499, 500, 998, 999)
+    assert authors.inversion_steps.tolist() == [1, 2, 6, 6, 10, 10]
     inversion_evals = base_work.row_evaluations - 4 * 6
     assert cfg_work.row_evaluations - 4 * 6 == 2 * inversion_evals
 

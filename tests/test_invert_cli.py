@@ -112,7 +112,7 @@ def test_refuses_other_settings_and_other_weights(sd15_store, tiny_sd15, pickapi
 
 def test_sdxl_store_keeps_size_conditioning(tiny_sdxl, pickapic, tmp_path):
     out = tmp_path / "sdxl.zarr"
-    result = invert(tiny_sdxl, pickapic["path"], out, "--timestep-mode", "grid", "--timesteps-per-pair", "2")
+    result = invert(tiny_sdxl, pickapic["path"], out, "--timestep-mode", "authors", "--timesteps-per-pair", "2")
     assert result.exit_code == 0, result.output
     store = CacheStore.open(out)
     assert store.layout.pooled_dim == 32 and store.layout.text_shape == (77, 64)

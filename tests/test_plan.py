@@ -10,8 +10,11 @@ import pytest
 from inpo_pipeline.data import ParquetSource, ScannedRow
 from inpo_pipeline.plan import (
     build_plan,
+    latent_sample_seed,
     noise_seed,
     row_keys,
+    sample_flips,
+    sample_prompt_drops,
     sample_timesteps,
     splitmix64,
     window_permutation,
@@ -274,19 +277,38 @@ def test_a_block_of_the_plan_is_a_fair_sample_in_t():
 # --------------------------------------------------------------------------------- noise seeds
 
 
-def test_noise_seed_is_reproducible_and_distinct_per_row_and_draw():
-    seeds = {(r, d): noise_seed(0, r, d, 0) for r in range(50) for d in range(4)}
-    assert len(set(seeds.values())) == 200
+def test_noise_seed_is_reproducible_and_distinct_per_row_draw_image_and_step():
+    seeds = {(r, d, i, k): noise_seed(0, r, d, i, k) for r in range(30) for d in range(3) for i in (0, 1) for k in range(10)}
+    assert len(set(seeds.values())) == 30 * 3 * 2 * 10
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds.values())
-    assert noise_seed(0, 17, 2, 0) == seeds[(17, 2)]
-    assert noise_seed(1, 17, 2, 0) != seeds[(17, 2)]
+    assert noise_seed(0, 17, 2, 1, 4) == seeds[(17, 2, 1, 4)]
+    assert noise_seed(1, 17, 2, 1, 4) != seeds[(17, 2, 1, 4)]
 
 
-def test_noise_seed_differs_between_the_two_images():
-    for row, draw in [(0, 0), (5, 1), (123456, 3)]:
-        chosen, rejected = noise_seed(9, row, draw, 0), noise_seed(9, row, draw, 1)
-        assert chosen != rejected
-        assert rejected == noise_seed(9, row, draw, 1)
-        assert 0 <= rejected < 2**63
-    seeds = {noise_seed(9, r, d, i) for r in range(20) for d in range(3) for i in (0, 1)}
-    assert len(seeds) == 120
+def test_latent_sample_seeds_flips_and_prompt_drops():
+    assert latent_sample_seed(3, 5, 1, 0) == latent_sample_seed(3, 5, 1, 0) != latent_sample_seed(3, 5, 1, 1)
+    rows, draws = np.arange(20000), np.zeros(20000, dtype=np.int16)
+    flips = sample_flips(0, rows, draws, 0.5)
+    assert flips.shape == (20000, 2) and flips.dtype == np.uint8
+    assert abs(flips.mean() - 0.5) < 0.01
+    assert abs(np.corrcoef(flips[:, 0], flips[:, 1])[0, 1]) < 0.03  # each image is drawn on its own
+    assert not sample_flips(0, rows, draws, 0.0).any() and sample_flips(0, rows, draws, 1.0).all()
+    drops = sample_prompt_drops(0, rows, draws, 0.2)
+    assert abs(drops.mean() - 0.2) < 0.01
+    assert np.array_equal(drops, sample_prompt_drops(0, rows, draws, 0.2))
+
+
+def test_plan_drops_prompts_before_inversion_and_keeps_the_caption():
+    scanned = [ScannedRow(i, f"prompt {i % 7}", False) for i in range(2000)]
+    plan = build_plan(scanned, seed=4, timesteps_per_pair=1, num_train_timesteps=1000, rows_per_window=256,
+                      prompt_dropout=0.2, flip=0.5)
+    dropped = plan.prompt_index == 0
+    assert abs(dropped.mean() - 0.2) < 0.03
+    assert (plan.caption_index > 0).all()
+    assert np.array_equal(plan.prompt_index[~dropped], plan.caption_index[~dropped])
+    expected = sample_prompt_drops(4, plan.source_row, plan.draw, 0.2)
+    assert np.array_equal(dropped, expected)
+    assert np.array_equal(plan.flip, sample_flips(4, plan.source_row, plan.draw, 0.5))
+    plain = build_plan(scanned, seed=4, timesteps_per_pair=1, num_train_timesteps=1000, rows_per_window=256)
+    assert np.array_equal(plain.prompt_index, plain.caption_index) and not plain.flip.any()
+    assert np.array_equal(plain.timestep, plan.timestep)  # the draws do not disturb t or the order

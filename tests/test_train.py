@@ -270,7 +270,13 @@ def test_mixed_precision_step_zero_matches_when_the_store_used_the_same_precisio
     assert matched.exit_code == 0, matched.output
     assert "warning" not in matched.output
     assert metrics(tmp_path / "matched")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    mismatched = train(store, tmp_path / "mismatched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1")
+    # the default precision is the store's: no flag needed for log 2
+    default = train(store, tmp_path / "default", "--steps", "1", "--batch-size", "8", "--grad-accum", "1")
+    assert default.exit_code == 0 and "warning" not in default.output
+    assert json.loads((tmp_path / "default" / "run.json").read_text())["options"]["mixed_precision"] == "bf16"
+    assert metrics(tmp_path / "default")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    mismatched = train(store, tmp_path / "mismatched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1",
+                       "--mixed-precision", "no")
     assert mismatched.exit_code == 0 and "--mixed-precision bf16 for exact agreement" in mismatched.output
 
 
