@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from inpo_pipeline.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter, human_bytes
 
 app = typer.Typer(
@@ -57,7 +58,7 @@ def invert(
     split: Annotated[str | None, typer.Option(help="Split: parquet files named SPLIT-*.parquet in a folder, or the hub split.")] = None,
     resolution: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's native size).")] = None,
     max_pairs: Annotated[int | None, typer.Option(help="Use only the first N non-tie pairs.")] = None,
-    recipe: Annotated[str, typer.Option(help="authors: the released algorithm (DESIGN §1.5); inpo: the project's exact-t variant. Sets the options below unless given.")] = "inpo",
+    recipe: Annotated[str, typer.Option(help="authors: the released algorithm (DESIGN §1.5); inpo: the project's exact-t variant. Sets the options below unless given.")] = DEFAULT_RECIPE,
     inversion_steps: Annotated[int | None, typer.Option(help="n: DDIM steps for a walk over all T timesteps [recipe: 10].")] = None,
     inversion_guidance: Annotated[float | None, typer.Option(help="w_inv: 0 unconditional, 1 conditional, else CFG [inpo 0, authors 1].")] = None,
     timestep_mode: Annotated[str | None, typer.Option(help="authors: the released loop (departure labels, ends at the grid level above t); exact: walk exactly to t [inpo exact, authors authors].")] = None,

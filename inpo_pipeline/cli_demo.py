@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from inpo_pipeline.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter
 
 SAMPLE_STEPS_HELP = "DDIM sampling steps (same for base and aligned)."
@@ -40,7 +41,7 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
         batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step.")] = 16,
         warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 10,
-        recipe: Annotated[str, typer.Option(help="Stage-one recipe: inpo or authors (see `inpo invert`).")] = "inpo",
+        recipe: Annotated[str, typer.Option(help="Stage-one recipe: authors or inpo (see `inpo invert`).")] = DEFAULT_RECIPE,
         timesteps_per_pair: Annotated[int, typer.Option(help="Rows (timestep draws) per pair.")] = 2,
         sample_steps: Annotated[int, typer.Option(help=SAMPLE_STEPS_HELP)] = 20,
         guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 3.0,

@@ -32,7 +32,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "flip": 0.0,
     },
 }
-DEFAULT_RECIPE = "inpo"
+DEFAULT_RECIPE = "authors"
 
 TRAIN_PROMPT_DROPOUT = 0.2
 """The authors' share of empty prompts; applied at training time only where it is sound (below)."""

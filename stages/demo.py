@@ -21,6 +21,7 @@ import torch
 
 from inpo_pipeline import world
 from inpo_pipeline.errors import UserError
+from inpo_pipeline.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter
 from inpo_pipeline.sampling import files_sha256
 from inpo_pipeline.world import SamplerSettings
@@ -177,8 +178,8 @@ class DemoOptions:
     batch_size: int = 16
     grad_accum: int = 1
     warmup: int = 10
-    prompt_dropout: float = 0.1
-    recipe: str = "inpo"
+    prompt_dropout: float | None = None  # the store's default (recipes.train_prompt_dropout_default)
+    recipe: str = DEFAULT_RECIPE
     timesteps_per_pair: int = 2
     inversion_steps: int = 10
     sample_steps: int = 20

@@ -311,14 +311,18 @@ def test_explicit_options_override_the_recipe(real_scale_models, pickapic, tmp_p
     assert "with overrides" in " ".join(info.output.split())
 
 
-def test_default_recipe_is_the_project_variant(tiny_sd15, pickapic, tmp_path):
-    out = tmp_path / "inpo.zarr"
+def test_default_recipe_is_the_authors_and_inpo_is_the_variant(tiny_sd15, pickapic, tmp_path):
+    out = tmp_path / "default.zarr"
     result = invert(tiny_sd15, pickapic["path"], out, "--max-pairs", "4")
     assert result.exit_code == 0, result.output
-    settings = CacheStore.open(out).settings
+    assert CacheStore.open(out).settings["recipe"] == "authors"
+    variant = tmp_path / "inpo.zarr"
+    result = invert(tiny_sd15, pickapic["path"], variant, "--max-pairs", "4", "--recipe", "inpo")
+    assert result.exit_code == 0, result.output
+    settings = CacheStore.open(variant).settings
     assert (settings["recipe"], settings["timestep_mode"], settings["inversion_guidance"], settings["eta"],
-            settings["vae_latent"], settings["flip"], settings["inversion_prompt_dropout"]) == \
-        ("inpo", "exact", 0.0, 0.0, "mean", 0.0, 0.0)
+            settings["vae_latent"], settings["flip"], settings["inversion_prompt_dropout"], settings["time_ids"]) == \
+        ("inpo", "exact", 0.0, 0.0, "mean", 0.0, 0.0, "original")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -359,7 +363,7 @@ def test_trainer_defaults_on_an_authors_store(authors_store, tmp_path):
 
 def test_trainer_default_dropout_on_an_unconditional_store(tiny_sd15, pickapic, tmp_path):
     out = tmp_path / "inpo.zarr"
-    assert invert(tiny_sd15, pickapic["path"], out, "--max-pairs", "8").exit_code == 0
+    assert invert(tiny_sd15, pickapic["path"], out, "--max-pairs", "8", "--recipe", "inpo").exit_code == 0
     result = _train(out, tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["options"]["prompt_dropout"] == 0.2

@@ -47,7 +47,7 @@ def test_invert_writes_a_complete_store(sd15_store, pickapic):
     assert summary["rows_valid"] == len(pickapic["kept_rows"])
     assert summary["broken_source_rows"] == sorted(pickapic["broken_rows"])
     assert summary["provenance"]["filter"]["ties"] == len(pickapic["tie_rows"])
-    assert summary["settings"]["timestep_mode"] == "exact"
+    assert summary["settings"]["recipe"] == summary["settings"]["timestep_mode"] == "authors"
     # rows are permuted: the source rows are not in order, but every kept pair is present
     store = CacheStore.open(sd15_store)
     source_rows = store.read_plan(slice(None)).source_row
@@ -112,7 +112,7 @@ def test_refuses_other_settings_and_other_weights(sd15_store, tiny_sd15, pickapi
 
 def test_sdxl_store_keeps_size_conditioning(tiny_sdxl, pickapic, tmp_path):
     out = tmp_path / "sdxl.zarr"
-    result = invert(tiny_sdxl, pickapic["path"], out, "--timestep-mode", "authors", "--timesteps-per-pair", "2")
+    result = invert(tiny_sdxl, pickapic["path"], out, "--time-ids", "original", "--timesteps-per-pair", "2")
     assert result.exit_code == 0, result.output
     store = CacheStore.open(out)
     assert store.layout.pooled_dim == 32 and store.layout.text_shape == (77, 64)

@@ -263,7 +263,7 @@ def test_mixed_precision_step_zero_matches_when_the_store_used_the_same_precisio
     store = tmp_path / "bf16.zarr"
     result = runner.invoke(app, ["invert", "--model", str(tiny_sdxl), "--data", str(pickapic["path"]), "--out",
                                  str(store), "--resolution", "32", "--rows-per-shard", "8", "--batch-size", "8",
-                                 "--compute-dtype", "bfloat16"])
+                                 "--compute-dtype", "bfloat16", "--recipe", "inpo"])
     assert result.exit_code == 0, result.output
     matched = train(store, tmp_path / "matched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1",
                     "--mixed-precision", "bf16", "--prompt-dropout", "0.5")
