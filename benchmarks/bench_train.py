@@ -11,7 +11,9 @@
              reference forward, policy forward + backward, optimizer step as in (a);
 (c) DPO:     a Diffusion-DPO step — text encoding, VAE encode, forward noising with fresh noise,
              reference forward, policy forward + backward, optimizer step as in (a);
-(d) floor:   policy forward + backward alone on (a)'s tensors, already on the device.
+(d) floor:   policy forward + backward alone on (a)'s tensors, already on the device;
+(e) cached Diffusion-DPO and (f) cached SFT: (a) with `--objective diffusion-dpo|sft` — the same
+             loader reading the store's forward-noised inputs (DESIGN §1.7), the same update.
 Images are decoded and resized before timing, which favours (b) and (c) (their loaders decode).
 Also: the data loader's micro-batches/s alone, against (a)'s consumption.
 """
@@ -37,7 +39,8 @@ from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loade
 from inpo_pipeline.data import open_source, prepare_image  # noqa: E402
 from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
 from inpo_pipeline.loss import inpo_loss  # noqa: E402
-from inpo_pipeline.models import load_reference, unet_noise  # noqa: E402
+from inpo_pipeline.models import alphas_cumprod_from_config, load_reference, unet_noise  # noqa: E402
+from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
 from inpo_pipeline.policy import load_policy, policy_errors  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
@@ -124,17 +127,26 @@ def main() -> None:
         (loss / arguments.grad_accum).backward()
         optimizer_tick(index)
 
-    # ---- (a) cached step through the real loader
-    loader = iter(micro_batch_loader(MicroBatches(str(store_path), schedule, 0, 10 * total), arguments.num_workers))
+    # ---- (a), (e), (f): the cached step of each objective through the real loader
+    forward_alphas = alphas_cumprod_from_config(settings["scheduler"])
 
-    def cached_step(index: int) -> None:
-        micro = next(loader)
-        with autocast():
-            chosen, rejected = policy_errors(policy, micro, device)
-        loss = inpo_loss(chosen, rejected, micro["reference_error_chosen"].to(device),
-                         micro["reference_error_rejected"].to(device), beta).loss.mean()
-        (loss / arguments.grad_accum).backward()
-        optimizer_tick(index)
+    def cached_step_of(objective_name: str):
+        objective = OBJECTIVES[objective_name]
+        loader = iter(micro_batch_loader(MicroBatches(str(store_path), schedule, 0, 10 * total, objective_name,
+                                                      forward_alphas), arguments.num_workers))
+
+        def cached_step(index: int) -> None:
+            micro = next(loader)
+            with autocast():
+                chosen, rejected = policy_errors(policy, micro, device)
+            rejected_reference = micro.get("reference_error_rejected")
+            loss = objective.loss(chosen, rejected, micro["reference_error_chosen"].to(device),
+                                  None if rejected_reference is None else rejected_reference.to(device),
+                                  beta).loss.mean()
+            (loss / arguments.grad_accum).backward()
+            optimizer_tick(index)
+
+        return cached_step
 
 
     # ---- (d) floor: forward + backward on the same kind of tensors, already on the device
@@ -206,7 +218,8 @@ def main() -> None:
         policy_update(noisy.float(), t.to(device), text, noise, *reference_error.chunk(2), index)
 
     # ---- interleaved rounds: one warm-up round, then `--rounds` timed ones; medians
-    steps = {"a_cached": cached_step, "d_floor": floor_step, "b_online": online_step, "c_dpo": dpo_step}
+    steps = {"a_cached": cached_step_of("inpo"), "d_floor": floor_step, "b_online": online_step, "c_dpo": dpo_step,
+             "e_cached_dpo": cached_step_of("diffusion-dpo"), "f_cached_sft": cached_step_of("sft")}
     timer = RoundRobin(device)
     for round_index in range(arguments.rounds + 1):
         for name, step in steps.items():
@@ -214,8 +227,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
     for name in steps:
         timer.samples[name] = timer.samples[name][1:]
-    seconds_cached, seconds_floor = timer.median("a_cached"), timer.median("d_floor")
-    seconds_online, seconds_dpo = timer.median("b_online"), timer.median("c_dpo")
+    seconds_cached = timer.median("a_cached")
 
     # ---- the loader alone
     loader_only = iter(micro_batch_loader(MicroBatches(str(store_path), schedule, 0, 40 * total), arguments.num_workers))
@@ -223,8 +235,7 @@ def main() -> None:
     timer.run("loader", lambda _i: next(loader_only), 4 * arguments.iterations)
     seconds_loader = timer.samples["loader"][-1]
 
-    per_pair = {name: seconds / batch for name, seconds in
-                (("a_cached", seconds_cached), ("b_online", seconds_online), ("c_dpo", seconds_dpo), ("d_floor", seconds_floor))}
+    per_pair = {name: timer.median(name) / batch for name in steps}
     dump({
         "benchmark": "train",
         "shape": arguments.shape, "resolution": resolution, "pairs_per_micro_batch": batch,
@@ -236,6 +247,9 @@ def main() -> None:
         "ratio_b_over_a": round(per_pair["b_online"] / per_pair["a_cached"], 3),
         "ratio_c_over_a": round(per_pair["c_dpo"] / per_pair["a_cached"], 3),
         "ratio_a_over_d": round(per_pair["a_cached"] / per_pair["d_floor"], 3),
+        "ratio_e_over_a": round(per_pair["e_cached_dpo"] / per_pair["a_cached"], 3),
+        "ratio_c_over_e": round(per_pair["c_dpo"] / per_pair["e_cached_dpo"], 3),
+        "ratio_f_over_a": round(per_pair["f_cached_sft"] / per_pair["a_cached"], 3),
         "online_inversion_unet_calls_per_image": round(calls["inversion"] / max(calls["images"], 1), 2),
         "loader_micro_batches_per_second": round(1 / seconds_loader, 2),
         "cached_step_micro_batches_per_second": round(1 / seconds_cached, 2),

@@ -1,6 +1,7 @@
 """The inpo cache store: a Zarr v3 group whose layout only this module knows.
 
-Layout (schema ``inpo.cache`` v2; v1 stores, which lack the two v2 plan arrays, stay readable)::
+Layout (schema ``inpo.cache`` v3; v1 stores, which lack the two v2 plan arrays, and v2 stores,
+which lack the v3 baseline arrays, stay readable)::
 
     STORE/
       zarr.json                     group attributes: schema, state, layout, settings, provenance
@@ -10,6 +11,10 @@ Layout (schema ``inpo.cache`` v2; v1 stores, which lack the two v2 plan arrays, 
       rows/target_rejected          (N, C, h, w)  τ_t of the rejected image      storage dtype
       rows/reference_error_chosen   (N, 2) f32    e_ref [caption, empty prompt]
       rows/reference_error_rejected (N, 2) f32
+      rows/clean_chosen             (N, C, h, w)  v3, baselines: x0 of the preferred image   storage dtype
+      rows/clean_rejected           (N, C, h, w)  v3, baselines: x0 of the rejected image    storage dtype
+      rows/forward_error_chosen     (N, 2) f32    v3, baselines: mean‖ε_ref(x_fwd, t, c) − ε‖² [caption, empty]
+      rows/forward_error_rejected   (N, 2) f32    v3, baselines (x_fwd = √ā·x0 + √(1−ā)·ε, ε regenerated from the seed)
       rows/time_ids_chosen          (N, 6) f32    SDXL only: orig h, w, crop top, left, target h, w
       rows/time_ids_rejected        (N, 6) f32    SDXL only
       rows/valid                    (N,) u1       0 = the pair's image could not be decoded
@@ -51,14 +56,17 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 SCHEMA_NAME = "inpo.cache"
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
 ERROR_ARRAYS = ("reference_error_chosen", "reference_error_rejected")
 TIME_ID_ARRAYS = ("time_ids_chosen", "time_ids_rejected")
 PLAN_ARRAYS = ("timestep", "prompt_index", "source_row", "draw")
 PLAN_ARRAYS_V2 = ("caption_index", "flip")
+CLEAN_ARRAYS = ("clean_chosen", "clean_rejected")
+FORWARD_ERROR_ARRAYS = ("forward_error_chosen", "forward_error_rejected")
+ROW_INPUTS = ("inversion", "forward", "all")
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 TIME_IDS_WIDTH = 6
 SHARD_STATS_WIDTH = 3
@@ -78,6 +86,7 @@ class StoreLayout:
     text_shape: tuple[int, int]
     pooled_dim: int | None
     storage_dtype: str = "float16"
+    forward_arrays: bool = False  # x0 and forward-noised e_ref for the baselines (DESIGN §1.7)
     rows_per_shard: int = 64
     shards_per_window: int = 16
     prompts_per_chunk: int = 256
@@ -169,6 +178,10 @@ class ShardResult:
     inversion_steps: np.ndarray
     time_ids_chosen: np.ndarray | None = None
     time_ids_rejected: np.ndarray | None = None
+    clean_chosen: np.ndarray | None = None
+    clean_rejected: np.ndarray | None = None
+    forward_error_chosen: np.ndarray | None = None
+    forward_error_rejected: np.ndarray | None = None
     stats: np.ndarray = field(default_factory=lambda: np.zeros(SHARD_STATS_WIDTH))
 
 
@@ -177,17 +190,23 @@ class RowBatch:
     """Rows read back for training or checking (float32 tensors' worth of numpy arrays)."""
 
     indices: np.ndarray
-    latent_chosen: np.ndarray
-    latent_rejected: np.ndarray
-    target_chosen: np.ndarray
-    target_rejected: np.ndarray
-    reference_error_chosen: np.ndarray
-    reference_error_rejected: np.ndarray
+    latent_chosen: np.ndarray | None
+    latent_rejected: np.ndarray | None
+    target_chosen: np.ndarray | None
+    target_rejected: np.ndarray | None
+    reference_error_chosen: np.ndarray | None
+    reference_error_rejected: np.ndarray | None
     timestep: np.ndarray
     prompt_index: np.ndarray
     valid: np.ndarray
     time_ids_chosen: np.ndarray | None
     time_ids_rejected: np.ndarray | None
+    source_row: np.ndarray | None = None
+    draw: np.ndarray | None = None
+    clean_chosen: np.ndarray | None = None
+    clean_rejected: np.ndarray | None = None
+    forward_error_chosen: np.ndarray | None = None
+    forward_error_rejected: np.ndarray | None = None
 
 
 def _zarr_dtype(storage_dtype: str) -> str:
@@ -337,6 +356,11 @@ class CacheStore:
             row_array(name, latent, dtype, compress)
         for name in ERROR_ARRAYS:
             row_array(name, (2,), "float32", False)
+        if layout.forward_arrays:
+            for name in CLEAN_ARRAYS:
+                row_array(name, latent, dtype, compress)
+            for name in FORWARD_ERROR_ARRAYS:
+                row_array(name, (2,), "float32", False)
         if layout.pooled_dim is not None:
             for name in TIME_ID_ARRAYS:
                 row_array(name, (TIME_IDS_WIDTH,), "float32", False)
@@ -508,6 +532,14 @@ class CacheStore:
             rows[name][span] = encode_storage(values, dtype)
         for name in ERROR_ARRAYS:
             rows[name][span] = np.asarray(getattr(result, name), dtype=np.float32)
+        if self.layout.forward_arrays:
+            for name in CLEAN_ARRAYS:
+                values = getattr(result, name)
+                if values is None or len(values) != expected:
+                    raise StoreError(f"shard {shard}: {name} is required by this store's layout")
+                rows[name][span] = encode_storage(values, dtype)
+            for name in FORWARD_ERROR_ARRAYS:
+                rows[name][span] = np.asarray(getattr(result, name), dtype=np.float32)
         if self.layout.pooled_dim is not None:
             for name in TIME_ID_ARRAYS:
                 values = getattr(result, name)
@@ -520,8 +552,19 @@ class CacheStore:
         done["shards"][shard] = 1
 
     # ------------------------------------------------------------------ reads
-    def read_rows(self, indices: np.ndarray | slice) -> RowBatch:
-        """Rows by index (any order); float32 values exactly as the trainer will see them."""
+    def read_rows(self, indices: np.ndarray | slice, inputs: str = "inversion") -> RowBatch:
+        """Rows by index (any order); float32 values exactly as the trainer will see them.
+
+        `inputs` says which training inputs to read: "inversion" (x_t, τ, e_ref: InPO),
+        "forward" (x0 and the forward-noised e_ref: Diffusion-DPO, SFT) or "all".
+        """
+        if inputs not in ROW_INPUTS:
+            raise ValueError(f"inputs must be one of {ROW_INPUTS}")
+        if inputs != "inversion" and not self.layout.forward_arrays:
+            raise StoreError(
+                f"{self.path} holds no clean latents or forward-noised reference errors (made with "
+                "`--objectives inpo` or by an earlier inpo); re-invert it with `inpo invert --objectives all`"
+            )
         if isinstance(indices, slice):
             indices = np.arange(*indices.indices(self.layout.num_rows))
         indices = np.asarray(indices, dtype=np.int64)
@@ -539,19 +582,27 @@ class CacheStore:
             return decode_storage(take(name), dtype)
 
         sdxl = self.layout.pooled_dim is not None
+        inversion = inputs in ("inversion", "all")
+        forward = inputs in ("forward", "all")
         return RowBatch(
             indices=indices,
-            latent_chosen=take_latent("latent_chosen"),
-            latent_rejected=take_latent("latent_rejected"),
-            target_chosen=take_latent("target_chosen"),
-            target_rejected=take_latent("target_rejected"),
-            reference_error_chosen=take("reference_error_chosen"),
-            reference_error_rejected=take("reference_error_rejected"),
+            latent_chosen=take_latent("latent_chosen") if inversion else None,
+            latent_rejected=take_latent("latent_rejected") if inversion else None,
+            target_chosen=take_latent("target_chosen") if inversion else None,
+            target_rejected=take_latent("target_rejected") if inversion else None,
+            reference_error_chosen=take("reference_error_chosen") if inversion else None,
+            reference_error_rejected=take("reference_error_rejected") if inversion else None,
             timestep=take("timestep"),
             prompt_index=take("prompt_index"),
             valid=take("valid").astype(bool),
             time_ids_chosen=take("time_ids_chosen") if sdxl else None,
             time_ids_rejected=take("time_ids_rejected") if sdxl else None,
+            source_row=take("source_row") if forward else None,
+            draw=take("draw") if forward else None,
+            clean_chosen=take_latent("clean_chosen") if forward else None,
+            clean_rejected=take_latent("clean_rejected") if forward else None,
+            forward_error_chosen=take("forward_error_chosen") if forward else None,
+            forward_error_rejected=take("forward_error_rejected") if forward else None,
         )
 
     def valid_rows(self) -> np.ndarray:
@@ -576,6 +627,8 @@ class CacheStore:
         c, h, w = self.layout.latent_shape
         item = 4 if self.layout.storage_dtype == "float32" else 2
         total = len(LATENT_ARRAYS) * c * h * w * item + len(ERROR_ARRAYS) * 2 * 4
+        if self.layout.forward_arrays:
+            total += len(CLEAN_ARRAYS) * c * h * w * item + len(FORWARD_ERROR_ARRAYS) * 2 * 4
         if self.layout.pooled_dim is not None:
             total += len(TIME_ID_ARRAYS) * TIME_IDS_WIDTH * 4
         return total + 1 + 2 + 4 + 4 + 8 + 2 + (4 + 2 if self.schema_version >= 2 else 0)
@@ -652,6 +705,9 @@ class CacheStore:
             name: (layout.num_rows, *layout.latent_shape) for name in LATENT_ARRAYS
         }
         expected_shapes.update({name: (layout.num_rows, 2) for name in ERROR_ARRAYS})
+        if layout.forward_arrays:
+            expected_shapes.update({name: (layout.num_rows, *layout.latent_shape) for name in CLEAN_ARRAYS})
+            expected_shapes.update({name: (layout.num_rows, 2) for name in FORWARD_ERROR_ARRAYS})
         if layout.pooled_dim is not None:
             expected_shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
         expected_shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
@@ -674,7 +730,7 @@ class CacheStore:
                 values = read(f"shard {shard}: rows/{name}", rows[name], span)
                 if values is None or not done[shard]:
                     continue
-                if name in LATENT_ARRAYS:
+                if name in LATENT_ARRAYS or name in CLEAN_ARRAYS:
                     values = decode_storage(values, layout.storage_dtype)
                 if values.dtype.kind == "f" and not np.isfinite(values).all():
                     problems.append(f"shard {shard}: rows/{name} holds NaN or Inf")

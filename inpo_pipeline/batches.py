@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore
-from inpo_pipeline.plan import row_keys
+from inpo_pipeline import ddim
+from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
+from inpo_pipeline.plan import forward_noise, row_keys
 
 
 @dataclass(frozen=True)
@@ -63,31 +65,57 @@ class BatchSchedule:
         return uniform < self.prompt_dropout
 
 
-def read_micro_batch(store: CacheStore, rows: np.ndarray, dropped: np.ndarray) -> dict[str, torch.Tensor]:
-    """Everything one training micro-batch needs, as float32 tensors (chosen first, then rejected).
+def read_micro_batch(
+    store: CacheStore, rows: np.ndarray, dropped: np.ndarray, objective: str = DEFAULT_OBJECTIVE,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Everything one training micro-batch of `objective` needs, as float32 tensors.
 
-    latents/targets/timesteps/text (and SDXL pooled/time_ids) have 2B entries: the B chosen images
-    then the B rejected ones; reference errors are picked for the prompt each row trains with.
+    latents/targets/timesteps/text (and SDXL pooled/time_ids) hold the B chosen images, then,
+    for pairwise objectives, the B rejected ones; reference errors are picked for the prompt
+    each row trains with. InPO reads the inverted x_t and τ_t; the forward-noised objectives
+    read x0, regenerate ε from the store's seed and form x_t here, exactly as stage one did
+    when it cached their reference errors (DESIGN §1.7).
     """
-    batch = store.read_rows(rows)
+    spec = OBJECTIVES[objective]
+    picked, column = np.arange(len(rows)), dropped.astype(np.int64)
+    if spec.inputs == INVERSION_INPUTS:
+        batch = store.read_rows(rows)
+        images = [(batch.latent_chosen, batch.target_chosen, batch.reference_error_chosen, batch.time_ids_chosen),
+                  (batch.latent_rejected, batch.target_rejected, batch.reference_error_rejected,
+                   batch.time_ids_rejected)]
+    else:
+        batch = store.read_rows(rows, inputs="forward")
+        assert batch.clean_chosen is not None and batch.clean_rejected is not None
+        noise = forward_noise(store.settings["seed"], batch.source_row, batch.draw, store.layout.latent_shape)
+        if alphas_cumprod is None:
+            from inpo_pipeline.models import alphas_cumprod_from_config
+
+            alphas_cumprod = alphas_cumprod_from_config(store.settings["scheduler"])
+        clean = torch.from_numpy(np.stack([batch.clean_chosen, batch.clean_rejected], axis=1))
+        latents = ddim.forward_latents(clean, torch.from_numpy(noise), batch.timestep, alphas_cumprod).numpy()
+        images = [(latents[:, 0], noise, batch.forward_error_chosen, batch.time_ids_chosen),
+                  (latents[:, 1], noise, batch.forward_error_rejected, batch.time_ids_rejected)]
+    if not spec.pairwise:
+        images = images[:1]
     prompt = np.where(dropped, 0, batch.prompt_index)
     text, pooled = store.read_prompt_embeddings(prompt)
-    column = dropped.astype(np.int64)
-    picked = np.arange(len(rows))
+    copies = len(images)
     result: dict[str, Any] = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
-        "latents": torch.from_numpy(np.concatenate([batch.latent_chosen, batch.latent_rejected])),
-        "targets": torch.from_numpy(np.concatenate([batch.target_chosen, batch.target_rejected])),
-        "timesteps": torch.from_numpy(np.concatenate([batch.timestep, batch.timestep]).astype(np.int64)),
-        "text": torch.from_numpy(np.concatenate([text, text])),
-        "reference_error_chosen": torch.from_numpy(batch.reference_error_chosen[picked, column]),
-        "reference_error_rejected": torch.from_numpy(batch.reference_error_rejected[picked, column]),
+        "latents": torch.from_numpy(np.concatenate([image[0] for image in images])),
+        "targets": torch.from_numpy(np.concatenate([image[1] for image in images])),
+        "timesteps": torch.from_numpy(np.tile(batch.timestep.astype(np.int64), copies)),
+        "text": torch.from_numpy(np.concatenate([text] * copies)),
+        "reference_error_chosen": torch.from_numpy(images[0][2][picked, column]),
         "dropped": torch.from_numpy(dropped),
     }
+    if spec.pairwise:
+        result["reference_error_rejected"] = torch.from_numpy(images[1][2][picked, column])
     if pooled is not None:
-        assert batch.time_ids_chosen is not None and batch.time_ids_rejected is not None
-        result["pooled"] = torch.from_numpy(np.concatenate([pooled, pooled]))
-        result["time_ids"] = torch.from_numpy(np.concatenate([batch.time_ids_chosen, batch.time_ids_rejected]))
+        assert all(image[3] is not None for image in images)
+        result["pooled"] = torch.from_numpy(np.concatenate([pooled] * copies))
+        result["time_ids"] = torch.from_numpy(np.concatenate([image[3] for image in images]))
     return result
 
 
@@ -98,8 +126,11 @@ class MicroBatches(torch.utils.data.Dataset):
     I/O runs an event loop thread that a fork would copy in an unknown state).
     """
 
-    def __init__(self, store_path: str, schedule: BatchSchedule, start: int, count: int) -> None:
+    def __init__(self, store_path: str, schedule: BatchSchedule, start: int, count: int,
+                 objective: str = DEFAULT_OBJECTIVE, alphas_cumprod: torch.Tensor | None = None) -> None:
         self.store_path = store_path
+        self.objective = objective
+        self.alphas_cumprod = alphas_cumprod
         self.schedule = schedule
         self.start = start
         self.count = count
@@ -112,7 +143,7 @@ class MicroBatches(torch.utils.data.Dataset):
         if self._store is None:
             self._store = CacheStore.open(self.store_path)
         rows, dropped, _epoch = self.schedule.micro_batch(self.start + item)
-        return read_micro_batch(self._store, rows, dropped)
+        return read_micro_batch(self._store, rows, dropped, self.objective, self.alphas_cumprod)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

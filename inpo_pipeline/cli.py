@@ -68,6 +68,7 @@ def invert(
     vae_latent: Annotated[str | None, typer.Option(help="x0: mean of the VAE posterior, or a seeded sample [inpo mean, authors sample].")] = None,
     flip: Annotated[float | None, typer.Option(help="Probability of a seeded horizontal flip per row and image [inpo 0, authors 0.5].")] = None,
     timesteps_per_pair: Annotated[int, typer.Option(help="K: rows (timestep draws) per pair.")] = 1,
+    objectives: Annotated[str, typer.Option(help="all: also store x0 and the forward-noised reference errors, so `inpo train --objective diffusion-dpo|sft` reads this store too (DESIGN §1.7); inpo: InPO's arrays only (smaller).")] = "all",
     batch_size: Annotated[int, typer.Option(help="Images per UNet call.")] = 8,
     dtype: Annotated[str, typer.Option(help="Storage dtype of latents and targets: float16, bfloat16, float32.")] = "float16",
     compute_dtype: Annotated[str, typer.Option(help="UNet compute dtype: float32, float16, bfloat16.")] = "float32",
@@ -87,7 +88,7 @@ def invert(
         recipe=recipe, inversion_steps=inversion_steps, inversion_guidance=inversion_guidance,
         timestep_mode=timestep_mode, eta=eta, inversion_prompt_dropout=inversion_prompt_dropout,
         time_ids=time_ids, vae_latent=vae_latent, flip=flip, timesteps_per_pair=timesteps_per_pair,
-        batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
+        objectives=objectives, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
         vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
         shards_per_window=shards_per_window, device=device,
     )
@@ -116,7 +117,8 @@ def invert(
 def train(
     cache: Annotated[str, typer.Option(help="The store written by `inpo invert`.")],
     out: Annotated[str, typer.Option(help="Run folder: weights, checkpoints, metrics.jsonl, run.json.")],
-    beta: Annotated[float | None, typer.Option(help="β (default: 2000 for SD1.5-type, 5000 for SDXL).")] = None,
+    objective: Annotated[str, typer.Option(help="inpo (DESIGN §1.4), diffusion-dpo or sft (§1.7); the baselines need a store inverted with --objectives all.")] = "inpo",
+    beta: Annotated[float | None, typer.Option(help="β (default: inpo 2000 for SD1.5-type and 5000 for SDXL; diffusion-dpo 5000; unused by sft).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: 1e-8 × effective batch, the authors' rule).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
     batch_size: Annotated[int, typer.Option(help="Pairs per device per micro-batch.")] = 8,
@@ -141,7 +143,7 @@ def train(
     from stages.train import TrainOptions, run_train
 
     options = TrainOptions(
-        cache=cache, out=out, beta=beta, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+        cache=cache, out=out, objective=objective, beta=beta, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup=warmup, prompt_dropout=prompt_dropout, optimizer=optimizer, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
@@ -151,13 +153,18 @@ def train(
     reporter = Reporter(enabled=process_state().is_main_process)
     result = run_train(options, reporter)
     final = result["final"]
+    from inpo_pipeline.objectives import OBJECTIVES
+
+    pairwise = OBJECTIVES[result["options"]["objective"]].pairwise
     reporter.table("inpo train", [
         ("run", result["run_dir"]),
+        ("objective", result["options"]["objective"]),
         ("weights", result.get("weights", "")),
         ("pipeline", result.get("pipeline", "—")),
         ("effective batch", result["effective_batch"]),
-        ("final loss", f"{final.get('loss', float('nan')):.5f} (log 2 = 0.69315)"),
-        ("implicit accuracy", f"{final.get('implicit_accuracy', float('nan')):.3f}"),
+        ("final loss", f"{final.get('loss', float('nan')):.5f}" + (" (step 0: log 2 = 0.69315)" if pairwise else "")),
+        ("implicit accuracy" if pairwise else "winners fit better than the reference",
+         f"{final.get('implicit_accuracy', float('nan')):.3f}"),
     ])
 
 
@@ -169,6 +176,7 @@ def cache_info(
 ) -> None:
     """A readable summary: rows, progress, provenance, size, dropped pairs."""
     from cache_schema import CacheStore
+    from inpo_pipeline.objectives import served_objectives
     from inpo_pipeline.recipes import describe_inversion, store_warnings
 
     summary = CacheStore.open(store).summary()
@@ -194,6 +202,9 @@ def cache_info(
         ("broken pairs", f"{len(broken)}" + (f" (source rows {', '.join(map(str, broken[:20]))}"
                                               f"{' …' if len(broken) > 20 else ''})" if broken else "")),
         ("inversion", describe_inversion(settings)),
+        ("objectives", ", ".join(served_objectives(settings))
+                       + ("" if "diffusion-dpo" in served_objectives(settings)
+                          else " (re-invert with --objectives all for diffusion-dpo and sft)")),
         *(("warning", warning) for warning in store_warnings(settings)),
         ("resolution / dtype", f"{settings['resolution']} px, latents {tuple(summary['layout']['latent_shape'])} "
                                f"stored as {settings['storage_dtype']}"),

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 CLEAN = -1
@@ -190,6 +191,32 @@ def single_step_target(
     """τ_t = (x_t − sqrt(ā_t)·x0) / sqrt(1−ā_t) (DESIGN §1.3), per row."""
     signal, noise = _coefficients(alpha_bar_t, latent_t)
     return (latent_t - signal * latent_0) / noise
+
+
+def forward_noised(latent_0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ā_t)·x0 + sqrt(1−ā_t)·ε, the forward process of Diffusion-DPO and SFT (DESIGN §1.7).
+
+    Stage one (for the cached reference errors) and the trainer's loader (for the policy's input)
+    both call this on the same float32 values on the CPU, so the two x_t are bit-identical.
+    """
+    signal, noise_scale = _coefficients(alpha_bar_t, latent_0)
+    return signal * latent_0 + noise_scale * noise
+
+
+def forward_latents(
+    clean: torch.Tensor, noise: torch.Tensor, timesteps: np.ndarray, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """x_fwd of (rows, 2, C, h, w) clean latents with one ε per row, shared by both images (DESIGN §1.7).
+
+    Stage one (for the cached forward errors) and the trainer's loader (for the policy's input)
+    call exactly this on exactly the stored x0 and the regenerated ε, on the CPU in float32, so
+    the two x_fwd are bit-identical.
+    """
+    rows = clean.shape[0]
+    alpha_bar = alpha_bar_at(alphas_cumprod, torch.from_numpy(np.repeat(np.asarray(timesteps, dtype=np.int64), 2)))
+    both = noise.unsqueeze(1).expand(-1, 2, *noise.shape[1:]).reshape(rows * 2, *noise.shape[1:])
+    flat = clean.reshape(rows * 2, *clean.shape[2:])
+    return forward_noised(flat, both, alpha_bar).reshape(clean.shape)
 
 
 def predicted_clean(

@@ -1,4 +1,9 @@
-"""The InPO loss (DESIGN §1.4): Diffusion-DPO's shape with the noise replaced by τ_t."""
+"""The training losses (DESIGN §1.4, §1.7): InPO, Diffusion-DPO and SFT, per pair.
+
+Every loss returns a `PreferenceLoss`, so the trainer and its metrics treat them alike. The
+errors are per-sample means over C×H×W (``ddim.per_sample_mse``) of the policy's and the
+reference's noise prediction against each objective's target (τ_t for InPO, ε for the others).
+"""
 
 from __future__ import annotations
 
@@ -12,34 +17,31 @@ import torch.nn.functional as F
 class PreferenceLoss:
     """Per-pair quantities of one mini-batch; `loss` is what is minimised (its mean)."""
 
-    loss: torch.Tensor  # (B,) −log σ(argument)
-    argument: torch.Tensor  # (B,) −(β/2)·[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]
+    loss: torch.Tensor  # (B,)
+    # (B,) pairwise: −(β/2)·[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]; SFT: e_ref^w − e_θ^w
+    argument: torch.Tensor
     policy_error_chosen: torch.Tensor
-    policy_error_rejected: torch.Tensor
+    policy_error_rejected: torch.Tensor | None  # None where the objective never sees the loser
 
     @property
     def implicit_accuracy(self) -> torch.Tensor:
-        """Share of pairs whose argument of σ is > 0 (DESIGN §1.4)."""
+        """Share of pairs whose argument is > 0 (DESIGN §1.4)."""
         return (self.argument > 0).float().mean()
 
     @property
     def margin(self) -> torch.Tensor:
-        """Mean argument of σ: 0 when the policy equals the reference."""
+        """Mean argument: 0 when the policy equals the reference."""
         return self.argument.mean()
 
 
-def inpo_loss(
+def _pairwise_logistic(
     policy_error_chosen: torch.Tensor,
     policy_error_rejected: torch.Tensor,
     reference_error_chosen: torch.Tensor,
     reference_error_rejected: torch.Tensor,
     beta: float,
 ) -> PreferenceLoss:
-    """L = −log σ( −(β/2) · [(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)] ), per pair (DESIGN §1.4).
-
-    The errors are per-sample means of ‖ε − τ‖² over C×H×W (``ddim.per_sample_mse``). Computed in
-    float32 at least: with β = 5000 a bf16 rounding of e would move the argument by whole units.
-    """
+    # float32 at least: with β = 5000 a bf16 rounding of e would move the argument by whole units
     dtype = torch.promote_types(policy_error_chosen.dtype, torch.float32)
     chosen_gap = policy_error_chosen.to(dtype) - reference_error_chosen.to(dtype)
     rejected_gap = policy_error_rejected.to(dtype) - reference_error_rejected.to(dtype)
@@ -47,3 +49,48 @@ def inpo_loss(
     # −log σ(x) = softplus(−x), stable for large |x|
     loss = -F.logsigmoid(argument)
     return PreferenceLoss(loss, argument, policy_error_chosen, policy_error_rejected)
+
+
+def inpo_loss(
+    policy_error_chosen: torch.Tensor,
+    policy_error_rejected: torch.Tensor | None,
+    reference_error_chosen: torch.Tensor,
+    reference_error_rejected: torch.Tensor | None,
+    beta: float,
+) -> PreferenceLoss:
+    """L = −log σ( −(β/2) · [(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)] ), e against τ_t (DESIGN §1.4)."""
+    assert policy_error_rejected is not None and reference_error_rejected is not None
+    return _pairwise_logistic(policy_error_chosen, policy_error_rejected, reference_error_chosen,
+                              reference_error_rejected, beta)
+
+
+def diffusion_dpo_loss(
+    policy_error_chosen: torch.Tensor,
+    policy_error_rejected: torch.Tensor | None,
+    reference_error_chosen: torch.Tensor,
+    reference_error_rejected: torch.Tensor | None,
+    beta: float,
+) -> PreferenceLoss:
+    """Diffusion-DPO (DESIGN §1.7): §1.4's loss with e = mean‖ε_θ(x_t, t, c) − ε‖² at
+    x_t = sqrt(ā_t)·x0 + sqrt(1−ā_t)·ε, the same t and ε for winner and loser."""
+    assert policy_error_rejected is not None and reference_error_rejected is not None
+    return _pairwise_logistic(policy_error_chosen, policy_error_rejected, reference_error_chosen,
+                              reference_error_rejected, beta)
+
+
+def sft_loss(
+    policy_error_chosen: torch.Tensor,
+    policy_error_rejected: torch.Tensor | None,
+    reference_error_chosen: torch.Tensor,
+    reference_error_rejected: torch.Tensor | None,
+    beta: float,
+) -> PreferenceLoss:
+    """SFT (DESIGN §1.7): L = mean‖ε_θ(x_t^w, t, c) − ε‖² on the winners alone; β is unused.
+
+    The argument is e_ref^w − e_θ^w, the policy's improvement over the reference on the
+    winner: 0 at step 0, and "implicit accuracy" is the share of winners it fits better.
+    """
+    dtype = torch.promote_types(policy_error_chosen.dtype, torch.float32)
+    loss = policy_error_chosen.to(dtype)
+    argument = reference_error_chosen.to(dtype) - loss
+    return PreferenceLoss(loss, argument, policy_error_chosen, None)

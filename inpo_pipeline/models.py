@@ -20,7 +20,6 @@ import torch
 SD15 = "sd15"
 SDXL = "sdxl"
 FAMILIES = (SD15, SDXL)
-DEFAULT_BETA = {SD15: 2000.0, SDXL: 5000.0}
 
 
 class ModelError(Exception):

@@ -58,6 +58,27 @@ def latent_sample_seed(seed: int, source_row: int, draw: int, image: int) -> int
     return int(key & np.uint64(0x7FFFFFFFFFFFFFFF))
 
 
+def forward_noise_seed(seed: int, source_row: int, draw: int) -> int:
+    """Seed of the forward noise ε of one row, shared by its two images (DESIGN §1.7)."""
+    key = row_keys(seed, np.array([source_row]), np.array([draw]), salt=40)[0]
+    return int(key & np.uint64(0x7FFFFFFFFFFFFFFF))
+
+
+def forward_noise(seed: int, source_rows: np.ndarray, draws: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """ε ~ N(0, I) per row, float32, regenerated bit-exactly from (seed, source row, draw).
+
+    Stage one draws it to cache the reference's errors; the trainer draws it again instead of
+    reading it from the store (it costs one generator call per row and no bytes on disk).
+    """
+    import torch
+
+    noise = np.empty((len(source_rows), *shape), dtype=np.float32)
+    for index, (source_row, draw) in enumerate(zip(source_rows, draws)):
+        generator = torch.Generator().manual_seed(forward_noise_seed(seed, int(source_row), int(draw)))
+        noise[index] = torch.randn(shape, generator=generator).numpy()
+    return noise
+
+
 def sample_flips(seed: int, source_row: np.ndarray, draw: np.ndarray, probability: float) -> np.ndarray:
     """(rows, 2) uint8: whether each image of a row is flipped horizontally (`--flip P`)."""
     flips = [_uniform(row_keys(seed, source_row, draw, salt=20 + image)) < probability for image in (0, 1)]

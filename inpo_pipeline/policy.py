@@ -11,8 +11,8 @@ import torch
 from inpo_pipeline import ddim
 from inpo_pipeline.batches import read_micro_batch
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.loss import inpo_loss
-from inpo_pipeline.models import SDXL, fingerprint_module, load_unet, unet_noise
+from inpo_pipeline.models import SDXL, alphas_cumprod_from_config, fingerprint_module, load_unet, unet_noise
+from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 UNET_FOLDER = "unet"
@@ -48,11 +48,18 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
 
 def policy_errors(
     policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """e_θ = mean‖ε_θ(x_t, t, c) − τ‖² for the chosen and the rejected images (DESIGN §1.4)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """e_θ = mean‖ε_θ(x_t, t, c) − target‖² of the chosen images and, in a pairwise batch, the
+    rejected ones (DESIGN §1.4; the target is τ_t for InPO, ε for the forward objectives, §1.7)."""
     noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
                        batch.get("pooled"), batch.get("time_ids"))
-    return ddim.per_sample_mse(noise, batch["targets"].to(device)).chunk(2)
+    errors = ddim.per_sample_mse(noise, batch["targets"].to(device))
+    pairs = len(batch["rows"])
+    return errors[:pairs], (errors[pairs:] if len(errors) > pairs else None)
+
+
+def _on(values: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if values is None else values.to(device)
 
 
 def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -114,21 +121,26 @@ def export_pipeline(
 @torch.no_grad()
 def preference_metrics(
     policy: torch.nn.Module, store: Any, rows: Any, beta: float, *, empty_prompt: bool = False,
-    batch_size: int = 16, device: torch.device | None = None,
+    batch_size: int = 16, device: torch.device | None = None, objective: str = DEFAULT_OBJECTIVE,
 ) -> dict[str, float]:
-    """Mean InPO loss, implicit accuracy and margin of `policy` over store rows (no training).
+    """Mean loss, implicit accuracy and margin of `objective` for `policy` over store rows (no training).
 
-    With the reference as policy this is the step-0 check of DESIGN §2: loss log 2, margin 0.
+    With the reference as policy this is the step-0 check of DESIGN §2: loss log 2, margin 0
+    for the pairwise objectives, margin 0 for SFT.
     """
+    spec = OBJECTIVES[objective]
+    alphas = None
+    if spec.inputs != INVERSION_INPUTS:
+        alphas = alphas_cumprod_from_config(store.settings["scheduler"])
     device = device or next(policy.parameters()).device
     losses, arguments = [], []
     rows = np.asarray(rows)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt))
+        batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt), objective, alphas)
         chosen, rejected = policy_errors(policy, batch, device)
-        result = inpo_loss(chosen, rejected, batch["reference_error_chosen"].to(device),
-                           batch["reference_error_rejected"].to(device), beta)
+        result = spec.loss(chosen, rejected, batch["reference_error_chosen"].to(device),
+                           _on(batch.get("reference_error_rejected"), device), beta)
         losses.append(result.loss.double().cpu())
         arguments.append(result.argument.double().cpu())
     loss, argument = torch.cat(losses), torch.cat(arguments)

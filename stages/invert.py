@@ -25,6 +25,7 @@ from inpo_pipeline.distributed import process_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
 from inpo_pipeline.models import TIME_ID_MODES, ReferenceModel, load_reference
+from inpo_pipeline.objectives import STORE_OBJECTIVE_SETS, stores_forward_inputs
 from inpo_pipeline.plan import build_plan
 from inpo_pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
 from inpo_pipeline.reporting import Reporter
@@ -55,6 +56,7 @@ class InvertOptions:
     vae_latent: str | None = None
     flip: float | None = None
     timesteps_per_pair: int = 1
+    objectives: str = "all"
     batch_size: int = 8
     dtype: str = "float16"
     compute_dtype: str = "float32"
@@ -89,6 +91,8 @@ class InvertOptions:
             (self.time_ids in TIME_ID_MODES, f"--time-ids must be one of {', '.join(TIME_ID_MODES)}"),
             (self.vae_latent in VAE_LATENT_MODES, f"--vae-latent must be one of {', '.join(VAE_LATENT_MODES)}"),
             (self.timesteps_per_pair >= 1, "--timesteps-per-pair must be at least 1"),
+            (self.objectives in STORE_OBJECTIVE_SETS,
+             f"--objectives must be one of {', '.join(STORE_OBJECTIVE_SETS)}"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.dtype in ("float16", "float32", "bfloat16"), "--dtype must be float16, bfloat16 or float32"),
             (self.compute_dtype in COMPUTE_DTYPES, f"--compute-dtype must be one of {list(COMPUTE_DTYPES)}"),
@@ -125,6 +129,7 @@ def store_settings(options: InvertOptions, reference: ReferenceModel, resolution
         "vae_latent": options.vae_latent,
         "flip": options.flip,
         "timesteps_per_pair": options.timesteps_per_pair,
+        "objectives": STORE_OBJECTIVE_SETS[options.objectives],
         "seed": options.seed,
         "max_pairs": options.max_pairs,
         "data": data_identity,
@@ -262,6 +267,7 @@ def _prepare_store(
         text_shape=reference.text.embedding_shape,
         pooled_dim=reference.text.pooled_dim,
         storage_dtype=options.dtype,
+        forward_arrays=stores_forward_inputs(settings),
         rows_per_shard=options.rows_per_shard,
         shards_per_window=options.shards_per_window,
         prompts_per_chunk=options.prompts_per_chunk,

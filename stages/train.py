@@ -8,6 +8,7 @@ loaded: the store holds x_t, τ_t, e_ref and the prompt embeddings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -21,8 +22,10 @@ import inpo_pipeline
 from cache_schema import CacheStore, now_iso
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.loss import inpo_loss
-from inpo_pipeline.models import DEFAULT_BETA, SDXL
+from inpo_pipeline.models import SDXL, alphas_cumprod_from_config
+from inpo_pipeline.objectives import (
+    DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES, check_served, default_beta, get_objective,
+)
 from inpo_pipeline.policy import export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters
 from inpo_pipeline.recipes import store_warnings, train_prompt_dropout_default
 from inpo_pipeline.reporting import Reporter
@@ -50,6 +53,7 @@ class TrainOptions:
 
     cache: str
     out: str
+    objective: str = DEFAULT_OBJECTIVE
     beta: float | None = None
     lr: float | None = None
     steps: int = 400
@@ -72,6 +76,7 @@ class TrainOptions:
 
     def validate(self) -> None:
         checks = [
+            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}"),
             (self.beta is None or self.beta > 0, "--beta must be > 0"),
             (self.lr is None or self.lr > 0, "--lr must be > 0"),
             (self.steps >= 1, "--steps must be at least 1"),
@@ -100,7 +105,7 @@ class TrainOptions:
             values["prompt_dropout"] = train_prompt_dropout_default(settings)
         if self.mixed_precision is None:
             values["mixed_precision"] = store_precision(settings)
-        values["beta"] = self.beta if self.beta is not None else DEFAULT_BETA[family]
+        values["beta"] = self.beta if self.beta is not None else default_beta(get_objective(self.objective), family)
         values["lr"] = self.lr if self.lr is not None else LR_PER_SAMPLE * effective_batch
         values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
         if self.gradient_checkpointing is None:
@@ -186,6 +191,8 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         )
     settings = store.settings
     family = settings["family"]
+    objective = get_objective(options.objective)
+    check_served(objective, settings, options.cache)
 
     mixed_precision = options.mixed_precision or store_precision(settings)
     _forget_other_precision(mixed_precision)
@@ -214,8 +221,10 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         f"store {options.cache}: {len(rows)} rows, {family}; effective batch {effective_batch} = "
         f"{options.batch_size} per device × {accelerator.num_processes} process(es) × {options.grad_accum} accumulation"
     )
+    beta = f"β {options.beta:g}" if objective.default_beta is not None else "β unused"
     reporter.line(
-        f"β {options.beta:g}, lr {options.lr:.3g} ({options.optimizer}, warm-up {options.warmup}), "
+        f"objective {objective.name} ({objective.description}), "
+        f"{beta}, lr {options.lr:.3g} ({options.optimizer}, warm-up {options.warmup}), "
         f"prompt dropout {options.prompt_dropout}, {options.steps} steps, "
         + (f"LoRA rank {options.lora_rank}" if options.lora_rank else "full fine-tuning")
         + f", mixed precision {options.mixed_precision}"
@@ -223,7 +232,9 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
 
     for warning in store_warnings(settings):
         reporter.line(f"warning: {warning}")
-    if prompt_dropout_given and options.prompt_dropout > 0 and float(settings.get("inversion_guidance", 0.0)) != 0.0:
+    inverted_with_captions = float(settings.get("inversion_guidance", 0.0)) != 0.0
+    if prompt_dropout_given and options.prompt_dropout > 0 and inverted_with_captions and \
+            objective.inputs == INVERSION_INPUTS:
         reporter.line(
             f"warning: --prompt-dropout {options.prompt_dropout} on a store inverted with its captions "
             f"(w_inv {settings['inversion_guidance']}): the dropped rows train on \"\" with x_t and τ that were "
@@ -261,7 +272,9 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None})
 
     remaining = options.steps - start_step
-    dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum)
+    alphas = None if objective.inputs == INVERSION_INPUTS else alphas_cumprod_from_config(settings["scheduler"])
+    dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum,
+                           objective.name, alphas)
     loader = micro_batch_loader(dataset, options.num_workers if remaining > 0 else 0)
     metrics = _train_loop(accelerator, policy, optimizer, scheduler, loader, options, start_step, run_dir,
                           schedule, reporter)
@@ -348,6 +361,7 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                 options: TrainOptions, start_step: int, run_dir: Path, schedule: BatchSchedule,
                 reporter: Reporter) -> dict[str, Any]:
     device = accelerator.device
+    objective = OBJECTIVES[options.objective]
     step = start_step
     sums = _StepSums()
     metrics: dict[str, Any] = {}
@@ -357,8 +371,10 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
             with accelerator.accumulate(policy):
                 with accelerator.autocast():
                     chosen, rejected = policy_errors(policy, batch, device)
-                result = inpo_loss(chosen, rejected, batch["reference_error_chosen"].to(device),
-                                   batch["reference_error_rejected"].to(device), options.beta)
+                rejected_reference = batch.get("reference_error_rejected")
+                result = objective.loss(chosen, rejected, batch["reference_error_chosen"].to(device),
+                                        None if rejected_reference is None else rejected_reference.to(device),
+                                        options.beta)
                 loss = result.loss.mean()
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
                 if finite.item() < 1:
@@ -389,7 +405,7 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
             elapsed = time.perf_counter() - step_started
             step_started = time.perf_counter()
             metrics = sums.gather(accelerator)
-            metrics.update(step=step, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+            metrics.update(step=step, objective=objective.name, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                            pairs_per_second=metrics["pairs"] / elapsed if elapsed > 0 else None,
                            epoch=(step * options.grad_accum - 1) // schedule.micro_batches_per_epoch)
             sums = _StepSums()
@@ -418,7 +434,8 @@ class _StepSums:
             (argument > 0).double().sum(),
             argument.sum(),
             result.policy_error_chosen.detach().double().sum(),
-            result.policy_error_rejected.detach().double().sum(),
+            (result.policy_error_rejected.detach().double().sum() if result.policy_error_rejected is not None
+             else torch.tensor(float("nan"), dtype=torch.float64, device=argument.device)),
             torch.tensor(float(pairs), dtype=torch.float64, device=argument.device),
         ])
         self.values = values if self.values is None else self.values + values
@@ -434,6 +451,7 @@ class _StepSums:
             "implicit_accuracy": accurate / count,
             "margin": margin / count,
             "policy_error_chosen": chosen / count,
-            "policy_error_rejected": rejected / count,
+            # NaN marks an objective that never forwards the loser (SFT): reported as null
+            "policy_error_rejected": None if math.isnan(rejected) else rejected / count,
             "pairs": int(pairs),
         }

@@ -374,12 +374,14 @@ def _as_v1_grid_store(store: Path, target: Path) -> Path:
     import shutil
 
     shutil.copytree(store, target)
-    for name in ("caption_index", "flip"):
+    for name in ("caption_index", "flip", "clean_chosen", "clean_rejected", "forward_error_chosen",
+                 "forward_error_rejected"):
         shutil.rmtree(target / "rows" / name)
     meta = json.loads((target / "zarr.json").read_text())
     meta["attributes"]["schema_version"] = 1
+    meta["attributes"]["layout"].pop("forward_arrays")
     settings = meta["attributes"]["settings"]
-    for key in ("recipe", "inversion_prompt_dropout", "time_ids", "vae_latent", "flip"):
+    for key in ("recipe", "inversion_prompt_dropout", "time_ids", "vae_latent", "flip", "objectives"):
         settings.pop(key, None)
     settings["timestep_mode"] = "grid"
     (target / "zarr.json").write_text(json.dumps(meta))
@@ -403,6 +405,10 @@ def test_a_v1_grid_store_is_readable_and_never_passes_for_the_authors(tiny_sd15,
     result = _train(old, tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "does not reproduce the authors" in " ".join(result.output.split())
+    # a store older than the baselines serves InPO only, and says how to get the others
+    baseline = _train(old, tmp_path / "dpo", "--objective", "diffusion-dpo")
+    assert baseline.exit_code == 2
+    assert "--objectives all" in baseline.output and "Traceback" not in baseline.output, baseline.output
     # and it cannot be resumed by `inpo invert` into something that looks current
     again = invert(tiny_sd15, pickapic["path"], old, "--max-pairs", "8")
     assert again.exit_code == 2 and "schema v1" in again.output

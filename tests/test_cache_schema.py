@@ -101,6 +101,10 @@ def make_result(layout: StoreLayout, shard: int, salt: int = 0) -> ShardResult:
         inversion_steps=(rows % 5 + 1).astype(np.int16),
         time_ids_chosen=rng.integers(0, 1024, (n, 6)).astype(np.float32) if sdxl else None,
         time_ids_rejected=rng.integers(0, 1024, (n, 6)).astype(np.float32) if sdxl else None,
+        clean_chosen=latent(0.9) if layout.forward_arrays else None,
+        clean_rejected=latent(1.1) if layout.forward_arrays else None,
+        forward_error_chosen=rng.random((n, 2)).astype(np.float32) + 0.3 if layout.forward_arrays else None,
+        forward_error_rejected=rng.random((n, 2)).astype(np.float32) + 0.4 if layout.forward_arrays else None,
         stats=np.array([6.0 * n, float(shard), 0.25 + shard], dtype=np.float64),
     )
 
@@ -157,7 +161,7 @@ def test_create_open_round_trip(tmp_path: Path, kind: str) -> None:
     attrs = store.attributes
     assert attrs["state"] == "ready"
     assert attrs["schema"] == SCHEMA_NAME == "inpo.cache"
-    assert attrs["schema_version"] == SCHEMA_VERSION == 2
+    assert attrs["schema_version"] == SCHEMA_VERSION == 3
     assert CacheStore.read_attributes(path)["state"] == "ready"
 
     back = store.read_plan(slice(None))
@@ -219,7 +223,7 @@ def test_open_non_inpo_zarr_group(tmp_path: Path) -> None:
 def test_open_other_schema_version(tmp_path: Path) -> None:
     new_store(tmp_path / "store")
     zarr.open_group(str(tmp_path / "store"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(StoreError, match=r"schema version 3.*re-create"):
+    with pytest.raises(StoreError, match=r"schema version 4.*re-create"):
         CacheStore.open(tmp_path / "store")
 
 
@@ -268,6 +272,47 @@ def test_write_then_read_rounds_to_storage(tmp_path: Path, kind: str, storage_dt
     np.testing.assert_array_equal(batch.prompt_index, plan.prompt_index)
     assert batch.valid.dtype == bool
     assert batch.valid.tolist() == [r % 3 != 2 for r in range(10)]
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32"])
+def test_forward_arrays_round_trip_and_are_checked(tmp_path: Path, storage_dtype: str) -> None:
+    """Schema v3's baseline inputs (DESIGN §1.7): x0 in the storage dtype, forward e_ref in float32."""
+    path = tmp_path / "store"
+    store = new_store(path, "sd", storage_dtype, forward_arrays=True)
+    results = {shard: make_result(store.layout, shard) for shard in range(3)}
+    for shard, result in results.items():
+        store.write_shard(shard, result)
+    fill_prompts(store)
+    store = CacheStore.open(path)
+    assert store.check_integrity() == []
+
+    batch = store.read_rows(np.array([9, 0, 4]), inputs="forward")
+    assert batch.latent_chosen is None and batch.reference_error_chosen is None  # inversion inputs unread
+    for name in ("clean_chosen", "clean_rejected"):
+        written = expected_rows(store.layout, results, name)[[9, 0, 4]]
+        np.testing.assert_array_equal(getattr(batch, name), reference_round(written, storage_dtype))
+    for name in ("forward_error_chosen", "forward_error_rejected"):
+        np.testing.assert_array_equal(getattr(batch, name), expected_rows(store.layout, results, name)[[9, 0, 4]])
+    np.testing.assert_array_equal(batch.source_row, make_plan(10).source_row[[9, 0, 4]])
+    both = store.read_rows(np.array([3]), inputs="all")
+    assert both.latent_chosen is not None and both.clean_chosen is not None
+
+    target = path / "rows" / "clean_rejected" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x5A
+    target.write_bytes(bytes(data))
+    problems = CacheStore.open(path).check_integrity()
+    assert len(problems) == 1 and problems[0].startswith("shard 1: rows/clean_rejected unreadable"), problems
+
+
+def test_inversion_only_store_refuses_forward_reads_in_one_line(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "store")
+    store.write_shard(0, make_result(store.layout, 0))
+    with pytest.raises(StoreError) as caught:
+        store.read_rows(np.arange(2), inputs="forward")
+    assert "\n" not in str(caught.value) and "clean latents" in str(caught.value)
+    with pytest.raises(ValueError):
+        store.read_rows(np.arange(2), inputs="everything")
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
@@ -762,10 +807,13 @@ def test_done_flags_and_shard_data_are_separate_objects(tmp_path: Path) -> None:
         ("sd", "bfloat16", 2091),
         # + 2 time-id arrays x 6 x 4 B, 4-byte latents
         ("sdxl", "float32", 4 * 256 * 4 + 16 + 48 + 21 + 6),
+        # v3's baseline inputs: + 2 clean latents x 256 x 2 B + 2 forward errors x 2 x 4 B
+        ("sd-forward", "float16", 6 * 256 * 2 + 32 + 21 + 6),
     ],
 )
 def test_summary(tmp_path: Path, kind: str, storage_dtype: str, raw_bytes: int) -> None:
-    store = new_store(tmp_path / "store", kind, storage_dtype)
+    forward = kind.endswith("-forward")
+    store = new_store(tmp_path / "store", kind.removesuffix("-forward"), storage_dtype, forward_arrays=forward)
     plan = make_plan(10)
     # valid = row % 3 != 2: invalid rows 2, 5, 8; force rows 0 and 1 (one source pair) invalid too
     first = make_result(store.layout, 0)
@@ -794,7 +842,7 @@ def test_summary(tmp_path: Path, kind: str, storage_dtype: str, raw_bytes: int) 
     assert summary["unet_row_evaluations"] == 6.0 * 4 + 6.0 * 2
     assert summary["padded_row_evaluations"] == 0.0 + 2.0
     assert summary["inversion_seconds"] == pytest.approx(0.25 + 2.25)
-    assert summary["schema"] == "inpo.cache v2"
+    assert summary["schema"] == "inpo.cache v3"
     assert summary["layout"] == store.layout.to_json()
     assert summary["settings"] == SETTINGS and summary["provenance"] == PROVENANCE
     json.dumps(summary)  # `inpo cache info --json` must be able to print it

@@ -170,9 +170,11 @@ def test_refuses_incomplete_store_other_weights_and_bad_options(sd15_store, tmp_
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd15_store, tmp_path, monkeypatch):
-    import stages.train as train_stage
+    import dataclasses
 
-    real = train_stage.inpo_loss
+    from inpo_pipeline.objectives import OBJECTIVES
+
+    real = OBJECTIVES["inpo"].loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -182,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd15_store, tm
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(train_stage, "inpo_loss", poisoned)
+    monkeypatch.setitem(OBJECTIVES, "inpo", dataclasses.replace(OBJECTIVES["inpo"], loss=poisoned))
     run = tmp_path / "nan"
     result = train(sd15_store, run, "--steps", "6", "--checkpoint-every", "2")
     assert result.exit_code == 2 and "non-finite" in result.output and "step 4" in result.output
