@@ -70,6 +70,10 @@ ROW_INPUTS = ("inversion", "forward", "all")
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 TIME_IDS_WIDTH = 6
 SHARD_STATS_WIDTH = 3
+# zarr skips chunks equal to the fill value; every chunk is written instead, so that a missing
+# object can only mean a lost one (stores with the attribute below were written this way)
+EVERY_CHUNK = {"array.write_empty_chunks": True}
+EVERY_CHUNK_ATTRIBUTE = "every_chunk_written"
 
 
 class StoreError(Exception):
@@ -314,18 +318,20 @@ class CacheStore:
                     "layout": layout.to_json(),
                     "settings": settings,
                     "provenance": provenance,
+                    EVERY_CHUNK_ATTRIBUTE: True,
                 }
             )
             store = cls(building, group, layout)
             store._create_arrays(compress)
-            rows = group["rows"]
-            rows["timestep"][:] = plan.timestep.astype(np.int32)
-            rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
-            rows["source_row"][:] = plan.source_row.astype(np.int64)
-            rows["draw"][:] = plan.draw.astype(np.int16)
-            rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
-            rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
-            group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
+            with zarr.config.set(EVERY_CHUNK):
+                rows = group["rows"]
+                rows["timestep"][:] = plan.timestep.astype(np.int32)
+                rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
+                rows["source_row"][:] = plan.source_row.astype(np.int64)
+                rows["draw"][:] = plan.draw.astype(np.int16)
+                rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
+                rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
+                group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
             group.attrs["state"] = "ready"
             os.replace(building, path)
         except OSError as error:
@@ -488,17 +494,19 @@ class CacheStore:
 
     def write_prompt_chunk(self, chunk: int, embedding: np.ndarray, pooled: np.ndarray | None) -> None:
         """Write one prompt chunk's embeddings (float32 in), then mark the chunk done."""
-        prompts = self.group["prompts"]
-        span = self.layout.prompt_chunk(chunk)
-        prompts["embedding"][span] = encode_storage(embedding, self.layout.storage_dtype)
-        if self.layout.pooled_dim is not None:
-            assert pooled is not None
-            prompts["pooled_embedding"][span] = encode_storage(pooled, self.layout.storage_dtype)
-        self.group["done"]["prompt_chunks"][chunk] = 1
+        with zarr.config.set(EVERY_CHUNK):
+            prompts = self.group["prompts"]
+            span = self.layout.prompt_chunk(chunk)
+            prompts["embedding"][span] = encode_storage(embedding, self.layout.storage_dtype)
+            if self.layout.pooled_dim is not None:
+                assert pooled is not None
+                prompts["pooled_embedding"][span] = encode_storage(pooled, self.layout.storage_dtype)
+            self.group["done"]["prompt_chunks"][chunk] = 1
 
     def read_prompt_embeddings(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 text (and SDXL pooled) embeddings of prompts `indices`, as stored."""
         unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        self._require_prompt_objects(np.unique(unique // self.layout.prompts_per_chunk))
         prompts = self.group["prompts"]
         dtype = self.layout.storage_dtype
         text = decode_storage(prompts["embedding"].get_orthogonal_selection(unique), dtype)[inverse]
@@ -521,6 +529,10 @@ class CacheStore:
     # ------------------------------------------------------------------ shard writes
     def write_shard(self, shard: int, result: ShardResult) -> None:
         """Write one whole shard (one assignment per array), then set its done flag."""
+        with zarr.config.set(EVERY_CHUNK):
+            self._write_shard(shard, result)
+
+    def _write_shard(self, shard: int, result: ShardResult) -> None:
         span = self.layout.shard_rows(shard)
         expected = span.stop - span.start
         rows = self.group["rows"]
@@ -568,6 +580,7 @@ class CacheStore:
         if isinstance(indices, slice):
             indices = np.arange(*indices.indices(self.layout.num_rows))
         indices = np.asarray(indices, dtype=np.int64)
+        self._require_objects(np.unique(indices // self.layout.rows_per_shard), inputs)
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
         restore = np.empty_like(order)
@@ -610,6 +623,88 @@ class CacheStore:
         done_rows = np.repeat(self.shards_done(), self.layout.rows_per_shard)[: self.layout.num_rows]
         valid = np.asarray(self.group["rows"]["valid"][:]).astype(bool)
         return np.flatnonzero(done_rows & valid)
+
+    # ------------------------------------------------------------------ lost objects
+    @property
+    def every_chunk_written(self) -> bool:
+        """True for stores that write every chunk (a missing object is always a lost one)."""
+        return bool(self.attributes.get(EVERY_CHUNK_ATTRIBUTE, False))
+
+    def row_array_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every row array this store's layout and schema version hold, with its shape."""
+        layout = self.layout
+        shapes: dict[str, tuple[int, ...]] = {name: (layout.num_rows, *layout.latent_shape) for name in LATENT_ARRAYS}
+        shapes.update({name: (layout.num_rows, 2) for name in ERROR_ARRAYS})
+        if layout.forward_arrays:
+            shapes.update({name: (layout.num_rows, *layout.latent_shape) for name in CLEAN_ARRAYS})
+            shapes.update({name: (layout.num_rows, 2) for name in FORWARD_ERROR_ARRAYS})
+        if layout.pooled_dim is not None:
+            shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
+        shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
+        if self.schema_version >= 2:
+            shapes.update({"caption_index": (layout.num_rows,), "flip": (layout.num_rows, 2)})
+        return shapes
+
+    def _object_exists(self, array: Any, index: int) -> bool:
+        from zarr.core.sync import sync
+
+        coords = (index,) + (0,) * (array.ndim - 1)
+        return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
+
+    def missing_shard_objects(self, shard: int, names: Sequence[str] | None = None) -> list[str]:
+        """Paths of the objects of a finished shard that are not in the store.
+
+        Stores that write every chunk are checked array by array. Earlier stores skipped chunks
+        equal to the fill value (0), so there only the latents, which are never all zero, can
+        be checked, and only in shards with a usable row.
+        """
+        rows = self.group["rows"]
+        if names is None:
+            names = list(self.row_array_shapes())
+        if not self.every_chunk_written:
+            valid = np.asarray(rows["valid"][self.layout.shard_rows(shard)]).astype(bool)
+            names = [n for n in names if n in LATENT_ARRAYS + CLEAN_ARRAYS] if valid.any() else []
+        return [f"rows/{name}/{rows[name].metadata.encode_chunk_key((shard,) + (0,) * (rows[name].ndim - 1))}"
+                for name in names if not self._object_exists(rows[name], shard)]
+
+    def missing_prompt_objects(self, chunk: int) -> list[str]:
+        prompts = self.group["prompts"]
+        names = [name for name in ("embedding", "pooled_embedding") if name in prompts]
+        return [f"prompts/{name}/{prompts[name].metadata.encode_chunk_key((chunk, 0) + (0,) * (prompts[name].ndim - 2))}"
+                for name in names if not self._object_exists(prompts[name], chunk)]
+
+    def _lost(self, missing: list[str]) -> StoreError:
+        return StoreError(
+            f"{self.path} is missing {missing[0]}" + (f" and {len(missing) - 1} more objects" if len(missing) > 1 else "")
+            + ", which its done flags say were written (an interrupted copy?): copy the store again, "
+            "or run `inpo cache verify` for the full list"
+        )
+
+    def _require_objects(self, shards: np.ndarray, inputs: str) -> None:
+        """Refuse to read a finished shard whose objects are gone (zarr would return zeros)."""
+        checked = self.__dict__.setdefault("_checked_shards", set())
+        done = self.shards_done()
+        names = [name for name in self.row_array_shapes()
+                 if inputs == "all" or (inputs == "inversion" and name not in CLEAN_ARRAYS + FORWARD_ERROR_ARRAYS)
+                 or (inputs == "forward" and name not in LATENT_ARRAYS + ERROR_ARRAYS)]
+        for shard in (int(s) for s in shards):
+            if (shard, inputs) in checked or not done[shard]:
+                continue
+            missing = self.missing_shard_objects(shard, names)
+            if missing:
+                raise self._lost(missing)
+            checked.add((shard, inputs))
+
+    def _require_prompt_objects(self, chunks: np.ndarray) -> None:
+        checked = self.__dict__.setdefault("_checked_prompt_chunks", set())
+        done = self.prompt_chunks_done()
+        for chunk in (int(c) for c in chunks):
+            if chunk in checked or not done[chunk]:
+                continue
+            missing = self.missing_prompt_objects(chunk)
+            if missing:
+                raise self._lost(missing)
+            checked.add(chunk)
 
     # ------------------------------------------------------------------ summaries
     def bytes_on_disk(self) -> int:
@@ -701,18 +796,7 @@ class CacheStore:
                 f"incomplete: {int((~chunks_done).sum())} of {layout.num_prompt_chunks} prompt chunks not done"
             )
         rows = self.group["rows"]
-        expected_shapes: dict[str, tuple[int, ...]] = {
-            name: (layout.num_rows, *layout.latent_shape) for name in LATENT_ARRAYS
-        }
-        expected_shapes.update({name: (layout.num_rows, 2) for name in ERROR_ARRAYS})
-        if layout.forward_arrays:
-            expected_shapes.update({name: (layout.num_rows, *layout.latent_shape) for name in CLEAN_ARRAYS})
-            expected_shapes.update({name: (layout.num_rows, 2) for name in FORWARD_ERROR_ARRAYS})
-        if layout.pooled_dim is not None:
-            expected_shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
-        expected_shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
-        if self.schema_version >= 2:
-            expected_shapes.update({"caption_index": (layout.num_rows,), "flip": (layout.num_rows, 2)})
+        expected_shapes = self.row_array_shapes()
         shape_problems = [
             f"missing array rows/{name}" if name not in rows
             else f"rows/{name} has shape {tuple(rows[name].shape)}, expected {shape}"
@@ -723,6 +807,9 @@ class CacheStore:
             return problems + shape_problems
         for shard in range(layout.num_shards):
             span = layout.shard_rows(shard)
+            if done[shard]:
+                problems.extend(f"shard {shard}: {key} is missing (lost in a copy?)"
+                                for key in self.missing_shard_objects(shard))
             valid = read(f"shard {shard}: rows/valid", rows["valid"], span)
             for name in expected_shapes:
                 if name == "valid":
@@ -742,6 +829,9 @@ class CacheStore:
         read("prompts/text", prompts["text"])
         for chunk in range(layout.num_prompt_chunks):
             span = layout.prompt_chunk(chunk)
+            if chunks_done[chunk]:
+                problems.extend(f"prompt chunk {chunk}: {key} is missing (lost in a copy?)"
+                                for key in self.missing_prompt_objects(chunk))
             for name in ("embedding", "pooled_embedding"):
                 if name not in prompts:
                     continue

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_schema import CacheStore
+from cache_schema import CacheStore, StoreError
 from inpo_pipeline import ddim
 from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 from inpo_pipeline.plan import forward_noise, row_keys
@@ -151,9 +151,28 @@ class MicroBatches(torch.utils.data.Dataset):
         return state
 
 
-def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> torch.utils.data.DataLoader:
+def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErrors":
     """In-order loader of whole micro-batches, with spawned workers prefetching ahead."""
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 4}
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **extra)
+    return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                                      num_workers=num_workers, **extra))
+
+
+class _OneLineErrors:
+    """Iterates a DataLoader; a StoreError raised in a worker comes back as its own one line
+    (PyTorch re-raises it with the worker's whole traceback in the message)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        try:
+            yield from self.loader
+        except StoreError as error:
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            raise StoreError(lines[-1].split("StoreError: ", 1)[-1] if lines else str(error)) from None

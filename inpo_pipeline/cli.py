@@ -137,8 +137,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the data order, prompt dropout and LoRA init.")] = 0,
     export_pipeline: Annotated[bool, typer.Option(help="Also write a full pipeline folder with the trained UNet.")] = False,
     num_workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 2,
+    winner_preserving: Annotated[float | None, typer.Option(
+        help="μ in [0, 1]: scale the loser's gradient so the winners' error does not rise (Diffusion-SDPO's "
+             "safeguard; they use 0.9). Off by default, as in the authors' InPO.")] = None,
 ) -> None:
-    """Train the policy UNet from a cache store alone (DDIM-InPO loss)."""
+    """Train the policy UNet from a cache store alone (DDIM-InPO loss, or a baseline)."""
     from inpo_pipeline.distributed import process_state
     from stages.train import TrainOptions, run_train
 
@@ -148,7 +151,7 @@ def train(
         max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume, seed=seed,
-        export_pipeline=export_pipeline, num_workers=num_workers,
+        export_pipeline=export_pipeline, num_workers=num_workers, winner_preserving=winner_preserving,
     )
     reporter = Reporter(enabled=process_state().is_main_process)
     result = run_train(options, reporter)
@@ -165,7 +168,16 @@ def train(
         ("final loss", f"{final.get('loss', float('nan')):.5f}" + (" (step 0: log 2 = 0.69315)" if pairwise else "")),
         ("implicit accuracy" if pairwise else "winners fit better than the reference",
          f"{final.get('implicit_accuracy', float('nan')):.3f}"),
+        ("winners' error − reference's", _excess_line(final)),
     ])
+
+
+def _excess_line(final: dict) -> str:
+    excess = final.get("winner_error_excess")
+    if excess is None:
+        return "—"
+    rose = final.get("winner_error_above_reference_since_step")
+    return f"{excess:+.3g} (last step)" + (f"; above 0 since step {rose}" if rose is not None else "")
 
 
 @cache_app.command("info")

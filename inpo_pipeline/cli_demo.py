@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         pairs_per_prompt: Annotated[int, typer.Option(help="Preference pairs per training prompt (12 prompts).")] = 50,
         eval_seeds: Annotated[int, typer.Option(help="Seeds per held-out prompt (6 prompts) for the evaluation.")] = 40,
         controls: Annotated[bool, typer.Option(help="Also train on shuffled and on reversed labels.")] = True,
+        rewards: Annotated[str, typer.Option(help="Rewards that label the data, comma-separated: colour, size, position, "
+                                                  "brightness, contrast (docs/proof.md).")] = "colour,brightness",
+        labels: Annotated[str, typer.Option(help="Labellings, comma-separated: reward (true), shuffled, reversed.")] = "reward,shuffled,reversed",
         beta: Annotated[float, typer.Option(help="β of the InPO loss.")] = 2000.0,
         lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
         run_demo(DemoOptions(
             out=out, world=world, rebuild_world=rebuild_world, pairs_per_prompt=pairs_per_prompt,
-            eval_seeds=eval_seeds, controls=controls, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
+            eval_seeds=eval_seeds, controls=controls, rewards=rewards, labels=labels, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
             warmup=warmup, recipe=recipe, timesteps_per_pair=timesteps_per_pair,
             sample_steps=sample_steps, guidance=guidance, seed=seed,
         ), Reporter())

@@ -22,6 +22,22 @@ class PreferenceLoss:
     argument: torch.Tensor
     policy_error_chosen: torch.Tensor
     policy_error_rejected: torch.Tensor | None  # None where the objective never sees the loser
+    reference_error_chosen: torch.Tensor | None = None
+    reference_error_rejected: torch.Tensor | None = None
+
+    @property
+    def winner_error_excess(self) -> torch.Tensor | None:
+        """(B,) e_θ^w − e_ref^w: > 0 where the policy fits the winner worse than the reference did."""
+        if self.reference_error_chosen is None:
+            return None
+        return self.policy_error_chosen.detach().float() - self.reference_error_chosen.float()
+
+    @property
+    def loser_error_excess(self) -> torch.Tensor | None:
+        """(B,) e_θ^l − e_ref^l (None where the loser is not forwarded)."""
+        if self.policy_error_rejected is None or self.reference_error_rejected is None:
+            return None
+        return self.policy_error_rejected.detach().float() - self.reference_error_rejected.float()
 
     @property
     def implicit_accuracy(self) -> torch.Tensor:
@@ -48,7 +64,8 @@ def _pairwise_logistic(
     argument = -(beta / 2) * (chosen_gap - rejected_gap)
     # −log σ(x) = softplus(−x), stable for large |x|
     loss = -F.logsigmoid(argument)
-    return PreferenceLoss(loss, argument, policy_error_chosen, policy_error_rejected)
+    return PreferenceLoss(loss, argument, policy_error_chosen, policy_error_rejected,
+                          reference_error_chosen, reference_error_rejected)
 
 
 def inpo_loss(
@@ -93,4 +110,30 @@ def sft_loss(
     dtype = torch.promote_types(policy_error_chosen.dtype, torch.float32)
     loss = policy_error_chosen.to(dtype)
     argument = reference_error_chosen.to(dtype) - loss
-    return PreferenceLoss(loss, argument, policy_error_chosen, None)
+    return PreferenceLoss(loss, argument, policy_error_chosen, None, reference_error_chosen, None)
+
+
+def winner_preserving_scale(residual_chosen: torch.Tensor, residual_rejected: torch.Tensor, mu: float) -> torch.Tensor:
+    """λ ∈ [0, 1] for the loser's gradient, the winner-preserving safeguard of Diffusion-SDPO (Fu et
+    al. 2025, arXiv 2511.03317; DESIGN §1.7's family of losses).
+
+    With A = mean e^w and B = mean e^l over the micro-batch and g_A = ∂A/∂ε_θ^w, g_B = ∂B/∂ε_θ^l
+    (output space: g = 2·residual / numel, residual = ε_θ − target), a step along −g_A + λ·g_B
+    does not raise the winners' error to first order while ⟨−g_A + λ g_B, g_A⟩ ≤ −μ‖g_A‖², i.e.
+        λ ≤ (1 − μ)·‖g_A‖² / ⟨g_B, g_A⟩    when ⟨g_B, g_A⟩ > 0,   λ = 1 otherwise,
+    clipped to [0, 1]. The 2/numel factors cancel, so the residuals are used directly.
+    """
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError("mu must be in [0, 1]")
+    chosen = residual_chosen.detach().double().flatten()
+    rejected = residual_rejected.detach().double().flatten()
+    alignment = torch.dot(rejected, chosen)  # ⟨g_B, g_A⟩ up to (2/numel)²
+    cap = (1.0 - mu) * torch.dot(chosen, chosen) / alignment.clamp_min(torch.finfo(torch.float64).tiny)
+    scale = torch.where(alignment > 0, cap, torch.ones_like(cap)).clamp(0.0, 1.0)
+    return scale.float()
+
+
+def scale_gradient(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The same values, with their gradient multiplied by `scale` (the forward value is unchanged,
+    so the loss, the margin and every logged number stay what they were)."""
+    return values.detach() + scale.to(values.dtype) * (values - values.detach())

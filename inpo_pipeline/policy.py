@@ -11,6 +11,7 @@ import torch
 from inpo_pipeline import ddim
 from inpo_pipeline.batches import read_micro_batch
 from inpo_pipeline.errors import UserError
+from inpo_pipeline.loss import scale_gradient, winner_preserving_scale
 from inpo_pipeline.models import SDXL, alphas_cumprod_from_config, fingerprint_module, load_unet, unet_noise
 from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 
@@ -46,16 +47,35 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
     return unet.train()
 
 
+def _prediction_and_target(policy: torch.nn.Module, batch: dict[str, torch.Tensor],
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
+                       batch.get("pooled"), batch.get("time_ids"))
+    return noise, batch["targets"].to(device)
+
+
 def policy_errors(
     policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """e_θ = mean‖ε_θ(x_t, t, c) − target‖² of the chosen images and, in a pairwise batch, the
     rejected ones (DESIGN §1.4; the target is τ_t for InPO, ε for the forward objectives, §1.7)."""
-    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
-                       batch.get("pooled"), batch.get("time_ids"))
-    errors = ddim.per_sample_mse(noise, batch["targets"].to(device))
+    noise, targets = _prediction_and_target(policy, batch, device)
+    errors = ddim.per_sample_mse(noise, targets)
     pairs = len(batch["rows"])
     return errors[:pairs], (errors[pairs:] if len(errors) > pairs else None)
+
+
+def winner_preserving_policy_errors(
+    policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, mu: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`policy_errors` of a pairwise batch whose rejected errors carry their gradient scaled by
+    λ = `loss.winner_preserving_scale` (values unchanged), and λ."""
+    noise, targets = _prediction_and_target(policy, batch, device)
+    errors = ddim.per_sample_mse(noise, targets)
+    pairs = len(batch["rows"])
+    residual = noise.detach().float() - targets.float()
+    scale = winner_preserving_scale(residual[:pairs], residual[pairs:], mu)
+    return errors[:pairs], scale_gradient(errors[pairs:], scale), scale
 
 
 def _on(values: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

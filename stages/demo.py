@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from inpo_pipeline.world import SamplerSettings
 
 DATA_SEED_BASE = 1_000_000
 """Seeds of the preference data's samples start here; evaluation seeds are 0, 1, 2, … (disjoint)."""
-CONTROLS = ("shuffled", "reversed")
 
 
 # ------------------------------------------------------------------------------ the world
@@ -93,6 +92,12 @@ def sample_pool(model: Path, pairs_per_prompt: int, sampler: SamplerSettings, se
     if cache is not None:
         pool.save(cache, key)
     return pool
+
+
+def rescored(pool: PreferencePool, reward_name: str) -> PreferencePool:
+    """The same samples with the rewards of `world.REWARDS[reward_name]`."""
+    score = world.REWARDS[reward_name]
+    return replace(pool, reward_0=score(pool.images_0, pool.prompts), reward_1=score(pool.images_1, pool.prompts))
 
 
 def write_dataset(pool: PreferencePool, path: Path, labeling: str, seed: int = 0) -> dict[str, Any]:
@@ -172,6 +177,9 @@ class DemoOptions:
     pairs_per_prompt: int = 50
     eval_seeds: int = 40
     controls: bool = True
+    # the rewards labelling the data (world.REWARDS); each gets its own data, stores and runs
+    rewards: str = "colour,brightness"
+    labels: str = "reward,shuffled,reversed"  # "reward" alone when controls is False
     beta: float = 2000.0
     lr: float = 3e-5
     steps: int = 100
@@ -192,10 +200,23 @@ class DemoOptions:
             (self.eval_seeds >= 1, "--eval-seeds must be at least 1"),
             (self.sample_steps >= 1, "--sample-steps must be at least 1"),
             (self.guidance >= 1, "--guidance must be >= 1"),
+            (bool(self.reward_names) and all(r in world.REWARDS for r in self.reward_names),
+             f"--rewards must be a comma-separated list of {', '.join(world.REWARDS)}"),
+            (bool(self.labelings) and all(label in world.LABELINGS for label in self.labelings),
+             f"--labels must be a comma-separated list of {', '.join(world.LABELINGS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def labelings(self) -> list[str]:
+        names = [name.strip() for name in self.labels.split(",") if name.strip()]
+        return names if self.controls else [name for name in names if name == "reward"]
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [name.strip() for name in self.rewards.split(",") if name.strip()]
 
     @property
     def sampler(self) -> SamplerSettings:
@@ -246,24 +267,36 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
     reporter.line(f"{len(pool.prompts)} pairs on {len(world.TRAIN_PROMPTS)} training prompts; "
                   f"mean reward of the base samples {np.mean([pool.reward_0, pool.reward_1]):.4f}")
 
-    labelings = ["reward", *(CONTROLS if options.controls else ())]
+    labelings = options.labelings
     runs: dict[str, Path] = {}
     datasets: dict[str, Any] = {}
-    for labeling in labelings:
-        mark = time.perf_counter()
-        reporter.line(f"— labels: {labeling} —")
-        data = out / "data" / f"{labeling}.parquet"
-        datasets[labeling] = write_dataset(pool, data, labeling, seed=options.seed)
-        runs[labeling] = invert_and_train(model, data, out / labeling, options, reporter)
-        timings[f"invert_train_{labeling}"] = time.perf_counter() - mark
+    for reward_name in options.reward_names:
+        scored = rescored(pool, reward_name)
+        for labeling in labelings:
+            # the colour reward keeps the folder names of earlier demos (out/reward, out/shuffled, …)
+            name = labeling if reward_name == "colour" else f"{reward_name}-{labeling}"
+            mark = time.perf_counter()
+            reporter.line(f"— reward: {reward_name}, labels: {labeling} —")
+            data = out / "data" / f"{name}.parquet"
+            datasets[name] = {"reward": reward_name, **write_dataset(scored, data, labeling, seed=options.seed)}
+            runs[name] = invert_and_train(model, data, out / name, options, reporter)
+            timings[f"invert_train_{name}"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     evaluation = evaluate(model, {name: run_unet(run) for name, run in runs.items()}, options.eval_seeds,
                           options.sampler, reporter)
     timings["evaluation"] = time.perf_counter() - mark
-    comparisons = evaluation.comparisons()
-    write_grid(out / "grid.png", evaluation, "reward")
-    write_reward_plot(out / "rewards.png", evaluation)
+    comparisons = {}
+    for name, images in evaluation.aligned_images.items():
+        score = world.REWARDS[datasets[name]["reward"]]
+        comparisons[name] = world.compare(score(evaluation.base_images, evaluation.prompts),
+                                          score(images, evaluation.prompts))
+    colour_runs = [name for name in runs if datasets[name]["reward"] == "colour"]
+    if colour_runs:
+        # the grid and the plot show the colour reward (what evaluation.aligned holds)
+        evaluation.aligned = {name: evaluation.aligned[name] for name in colour_runs}
+        write_grid(out / "grid.png", evaluation, colour_runs[0])
+        write_reward_plot(out / "rewards.png", evaluation)
     timings["total"] = time.perf_counter() - started
     results = {
         "options": asdict(options), "model": str(model), "datasets": datasets,

@@ -26,7 +26,9 @@ from inpo_pipeline.models import SDXL, alphas_cumprod_from_config
 from inpo_pipeline.objectives import (
     DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES, check_served, default_beta, get_objective,
 )
-from inpo_pipeline.policy import export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters
+from inpo_pipeline.policy import (
+    export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters, winner_preserving_policy_errors,
+)
 from inpo_pipeline.recipes import store_warnings, train_prompt_dropout_default
 from inpo_pipeline.reporting import Reporter
 
@@ -73,6 +75,7 @@ class TrainOptions:
     seed: int = 0
     export_pipeline: bool = False
     num_workers: int = 2
+    winner_preserving: float | None = None  # μ of the winner-preserving safeguard; None: off
 
     def validate(self) -> None:
         checks = [
@@ -92,6 +95,10 @@ class TrainOptions:
             (self.num_workers >= 0, "--num-workers must be >= 0"),
             (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
+            (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
+             "--winner-preserving must be between 0 and 1 (Diffusion-SDPO uses 0.9)"),
+            (self.winner_preserving is None or self.objective not in OBJECTIVES or OBJECTIVES[self.objective].pairwise,
+             f"--winner-preserving needs a pairwise objective; {self.objective} never forwards the loser"),
         ]
         for ok, message in checks:
             if not ok:
@@ -364,13 +371,19 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
     objective = OBJECTIVES[options.objective]
     step = start_step
     sums = _StepSums()
+    monitor = WinnerMonitor(reporter, options.winner_preserving is not None)
     metrics: dict[str, Any] = {}
     step_started = time.perf_counter()
     with reporter.training_progress(options.steps, start_step) as update:
         for batch in loader:
             with accelerator.accumulate(policy):
+                scale = None
                 with accelerator.autocast():
-                    chosen, rejected = policy_errors(policy, batch, device)
+                    if options.winner_preserving is None:
+                        chosen, rejected = policy_errors(policy, batch, device)
+                    else:
+                        chosen, rejected, scale = winner_preserving_policy_errors(
+                            policy, batch, device, options.winner_preserving)
                 rejected_reference = batch.get("reference_error_rejected")
                 result = objective.loss(chosen, rejected, batch["reference_error_chosen"].to(device),
                                         None if rejected_reference is None else rejected_reference.to(device),
@@ -383,7 +396,7 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                         f"{run_dir / CHECKPOINTS} is kept — lower --lr or --beta, or use --mixed-precision bf16"
                     )
                 accelerator.backward(loss)
-                sums.add(result, len(batch["rows"]))
+                sums.add(result, len(batch["rows"]), scale)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable_parameters(policy), options.max_grad_norm)
@@ -409,6 +422,7 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                            pairs_per_second=metrics["pairs"] / elapsed if elapsed > 0 else None,
                            epoch=(step * options.grad_accum - 1) // schedule.micro_batches_per_epoch)
             sums = _StepSums()
+            monitor.update(step, metrics)
             if accelerator.is_main_process:
                 with (run_dir / METRICS_FILE).open("a") as handle:
                     handle.write(json.dumps(metrics) + "\n")
@@ -417,7 +431,37 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
             update(metrics)
             if step % options.checkpoint_every == 0 or step == options.steps:
                 _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics)
+    metrics["winner_error_above_reference_since_step"] = monitor.rose_at
     return metrics
+
+
+class WinnerMonitor:
+    """Warns once when the policy fits the winners worse than the reference did.
+
+    A DPO-type loss falls as the loser's error rises faster than the winner's, so it can fall while
+    both rise and the winners are learnt worse than before (the failure Diffusion-SDPO names). The
+    signal is the mean of e_θ^w − e_ref^w over the last WINDOW steps above 0."""
+
+    WINDOW = 10
+
+    def __init__(self, reporter: Reporter, safeguarded: bool) -> None:
+        self.reporter, self.safeguarded = reporter, safeguarded
+        self.recent: list[float] = []
+        self.rose_at: int | None = None
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        excess = metrics.get("winner_error_excess")
+        if excess is None:
+            return
+        self.recent = (self.recent + [excess])[-self.WINDOW:]
+        if self.rose_at is None and len(self.recent) == self.WINDOW and sum(self.recent) > 0:
+            self.rose_at = step
+            remedy = "" if self.safeguarded else "; --winner-preserving 0.9 keeps it from rising"
+            self.reporter.line(
+                f"warning: step {step}: the winners' error is above the reference's (mean e_θ^w − e_ref^w "
+                f"{sum(self.recent) / self.WINDOW:+.3g} over {self.WINDOW} steps): the loss can fall while the "
+                f"model fits the preferred images worse{remedy}"
+            )
 
 
 class _StepSums:
@@ -426,32 +470,46 @@ class _StepSums:
     def __init__(self) -> None:
         self.values: torch.Tensor | None = None
 
-    def add(self, result: Any, pairs: int) -> None:
+    def add(self, result: Any, pairs: int, loser_gradient_scale: torch.Tensor | None = None) -> None:
         # summed where the loss lives: no host round trip per micro-batch, one per optimizer step
         argument = result.argument.detach().double()
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=argument.device)
+
+        def total(values: torch.Tensor | None) -> torch.Tensor:
+            return nan if values is None else values.detach().double().sum()
+
         values = torch.stack([
             result.loss.detach().double().sum(),
             (argument > 0).double().sum(),
             argument.sum(),
             result.policy_error_chosen.detach().double().sum(),
-            (result.policy_error_rejected.detach().double().sum() if result.policy_error_rejected is not None
-             else torch.tensor(float("nan"), dtype=torch.float64, device=argument.device)),
+            total(result.policy_error_rejected),
+            total(result.winner_error_excess),
+            total(result.loser_error_excess),
+            nan if loser_gradient_scale is None else loser_gradient_scale.detach().double().to(argument.device) * pairs,
             torch.tensor(float(pairs), dtype=torch.float64, device=argument.device),
         ])
         self.values = values if self.values is None else self.values + values
 
     def gather(self, accelerator: Any) -> dict[str, Any]:
         assert self.values is not None
-        loss, accurate, margin, chosen, rejected, pairs = (
+        loss, accurate, margin, chosen, rejected, winner_excess, loser_excess, scale, pairs = (
             accelerator.reduce(self.values.to(accelerator.device), "sum").cpu().tolist()
         )
         count = max(pairs, 1.0)
+
+        def mean(value: float) -> float | None:
+            # NaN marks a quantity the objective does not have (SFT's loser; λ when off): null
+            return None if math.isnan(value) else value / count
+
         return {
             "loss": loss / count,
             "implicit_accuracy": accurate / count,
             "margin": margin / count,
             "policy_error_chosen": chosen / count,
-            # NaN marks an objective that never forwards the loser (SFT): reported as null
-            "policy_error_rejected": None if math.isnan(rejected) else rejected / count,
+            "policy_error_rejected": mean(rejected),
+            "winner_error_excess": mean(winner_excess),
+            "loser_error_excess": mean(loser_excess),
+            "loser_gradient_scale": mean(scale),
             "pairs": int(pairs),
         }

@@ -30,6 +30,9 @@ def verify_store(store_path: str, *, recompute: int = 0, seed: int = 0, device: 
     """Every problem found, one line each; an empty list means the store is sound."""
     reporter = reporter or Reporter()
     store = CacheStore.open(store_path)
+    if not store.every_chunk_written:
+        reporter.line("note: this store was written by an earlier inpo that skipped all-zero chunks, so lost "
+                      "objects can be detected in its latents only")
     with reporter.progress("reading every shard", store.layout.num_shards, unit="shards") as advance:
         problems = store.check_integrity(progress=lambda _shard: advance(1))
     if recompute > 0 and not problems:

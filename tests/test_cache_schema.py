@@ -948,3 +948,42 @@ def test_layout_json_round_trip(kind: str) -> None:
     assert data["latent_shape"] == [4, 8, 8]
     assert data["pooled_dim"] == (None if kind == "sd" else 32)
     assert StoreLayout.from_json(data) == layout
+
+
+# ---------------------------------------------------------------------- lost objects
+@pytest.mark.parametrize("relative", [
+    "rows/latent_chosen/c/1/0/0/0", "rows/valid/c/1", "rows/reference_error_rejected/c/1/0",
+    "rows/draw/c/1", "prompts/embedding/c/0/0/0",
+])
+def test_a_lost_object_is_reported_and_never_read_as_zeros(tmp_path: Path, relative: str) -> None:
+    """zarr reads a missing chunk as its fill value; a finished store must say it is missing."""
+    path = tmp_path / "store"
+    _complete_store(path)
+    store = CacheStore.open(path)
+    assert store.every_chunk_written and store.check_integrity() == []
+    (path / relative).unlink()
+    problems = CacheStore.open(path).check_integrity()
+    assert len(problems) == 1 and relative in problems[0] and "missing" in problems[0], problems
+    reopened = CacheStore.open(path)
+    with pytest.raises(StoreError) as caught:
+        if relative.startswith("prompts"):
+            reopened.read_prompt_embeddings(np.arange(2))
+        else:
+            reopened.read_rows(np.arange(4, 8))
+    message = str(caught.value)
+    assert "\n" not in message and relative in message and "copy the store again" in message
+    # rows of intact shards still read
+    if not relative.startswith("prompts"):
+        assert reopened.read_rows(np.array([0, 9])).latent_chosen.shape == (2, 4, 8, 8)
+
+
+def test_all_zero_chunks_are_written_so_none_is_missing(tmp_path: Path) -> None:
+    """A shard whose rows are all invalid (valid = 0, draw = 0, flip = 0) still has every object."""
+    path = tmp_path / "store"
+    store = new_store(path)
+    result = make_result(store.layout, 1)
+    result.valid[:] = 0
+    store.write_shard(1, result)
+    for name in ("valid", "draw", "flip"):
+        assert (path / "rows" / name / "c" / "1").exists() or (path / "rows" / name / "c" / "1" / "0").exists(), name
+    assert CacheStore.open(path).missing_shard_objects(1) == []

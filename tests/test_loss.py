@@ -59,3 +59,46 @@ def test_half_precision_errors_are_combined_in_float32():
     assert result.loss.dtype == torch.float32
     expected = hand_loss(0.5, 0.5, float(reference.item()), 0.5, 5000.0)
     assert result.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- winner-preserving safeguard
+def test_winner_preserving_scale_matches_the_closed_form():
+    from inpo_pipeline.loss import winner_preserving_scale
+
+    chosen = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    aligned = torch.tensor([[3.0, 5.0], [1.0, -2.0]])  # ⟨l, w⟩ = 3 + 10 + 0.5 + 2 = 15.5, ‖w‖² = 6.25
+    assert winner_preserving_scale(chosen, aligned, 0.9).item() == pytest.approx(0.1 * 6.25 / 15.5, rel=1e-6)
+    assert winner_preserving_scale(chosen, aligned, 0.0).item() == pytest.approx(6.25 / 15.5, rel=1e-6)
+    # a loser gradient that does not point along the winner's leaves the loss untouched
+    assert winner_preserving_scale(chosen, -aligned, 0.9).item() == 1.0
+    assert winner_preserving_scale(chosen, torch.tensor([[2.0, -1.0], [0.0, 0.0]]), 0.9).item() == 1.0
+    # never above 1, even when the loser's gradient is tiny
+    assert winner_preserving_scale(chosen, aligned * 1e-6, 0.0).item() == 1.0
+    with pytest.raises(ValueError):
+        winner_preserving_scale(chosen, aligned, 1.5)
+
+
+def test_winner_preserving_step_does_not_raise_the_winners_error_to_first_order():
+    """A step −(∇A − λ∇B) changes A by −(‖∇A‖² − λ⟨∇A, ∇B⟩) ≤ −μ‖∇A‖² (Fu et al. 2025), with the
+    output-space gradients ∇ = 2·residual/numel standing in for the parameter gradients."""
+    from inpo_pipeline.loss import winner_preserving_scale
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        residual_w = torch.randn(4, 3, 8, 8, generator=generator)
+        residual_l = 0.7 * residual_w + torch.randn(4, 3, 8, 8, generator=generator) * (trial / 10)
+        grad_a, grad_b = 2 * residual_w / residual_w.numel(), 2 * residual_l / residual_l.numel()
+        for mu in (0.0, 0.5, 0.9):
+            scale = winner_preserving_scale(residual_w, residual_l, mu).double()
+            change = -(grad_a.double().pow(2).sum() - scale * (grad_a.double() * grad_b.double()).sum())
+            assert change <= -mu * grad_a.double().pow(2).sum() * (1 - 1e-6)
+
+
+def test_scale_gradient_keeps_the_value_and_scales_the_gradient():
+    from inpo_pipeline.loss import scale_gradient
+
+    x = torch.tensor([2.0, 3.0], requires_grad=True)
+    y = scale_gradient(x ** 2, torch.tensor(0.25))
+    assert torch.equal(y.detach(), torch.tensor([4.0, 9.0]))
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([1.0, 1.5]))

@@ -290,3 +290,20 @@ def test_resume_refuses_fewer_steps_and_another_store(sd15_store, tiny_sd15, pic
     other_store = make_store(tiny_sd15, pickapic["path"], tmp_path / "other.zarr")
     moved = train(other_store, run, "--steps", "6", "--resume", "--checkpoint-every", "2")
     assert moved.exit_code == 2 and "store_created_at" in moved.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_store_with_a_lost_object_is_refused_in_one_line(sd15_store, tmp_path, workers):
+    """A shard object deleted after the fact (a partial copy) must not train as zeros."""
+    import shutil
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(sd15_store, damaged)
+    (damaged / "rows" / "target_rejected" / "c" / "0" / "0" / "0" / "0").unlink()
+    result = train(damaged, tmp_path / "run", "--steps", "2", "--num-workers", str(workers))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rows/target_rejected/c/0/0/0/0" in errors[0], result.output
+    assert "Traceback" not in result.output
+    verify = runner.invoke(app, ["cache", "verify", str(damaged)])
+    assert verify.exit_code != 0 and "rows/target_rejected/c/0/0/0/0 is missing" in verify.output

@@ -154,3 +154,38 @@ def test_committed_world_samples_follow_the_caption_and_vary_with_the_seed(world
     assert not np.allclose(images[0], images[1], atol=0.05)
     assert own.std() > 0.2 * own.mean()
     torch.manual_seed(0)
+
+
+def _scene(**changes) -> world.Scenes:
+    values = dict(colour=np.array([0]), shape=np.array([0]), radius=np.array([7.0]), centre_x=np.array([16.0]),
+                  centre_y=np.array([16.0]), background=np.array([0.5]), jitter=np.zeros((1, 3)))
+    values.update({k: np.array([v]) for k, v in changes.items()})
+    return world.Scenes(**values)
+
+
+@pytest.mark.parametrize(("reward", "change", "low", "high"), [
+    ("size", "radius", 5.0, 10.0),
+    ("position", "centre_x", 9.0, 23.0),
+    ("brightness", "background", 0.2, 0.8),
+    ("contrast", "background", 0.25, 0.85),  # the red circle's luminance is ≈ 0.34
+    ("colour", "radius", 5.0, 10.0),
+])
+def test_each_reward_follows_its_property_and_nothing_else_moves(reward, change, low, high) -> None:
+    score = world.REWARDS[reward]
+    small, large = (world.render(_scene(**{change: value})) for value in (low, high))
+    assert float(score(large, ["a red circle"])[0]) > float(score(small, ["a red circle"])[0]) + 0.02
+
+
+def test_object_rewards_measure_the_object() -> None:
+    scenes = world.sample_scenes(300, 4)
+    images = world.render(scenes)
+    area = world.shape_coverage(scenes.shape, scenes.radius, scenes.centre_x, scenes.centre_y).mean(axis=(1, 2))
+    assert np.corrcoef(world.size_reward(images), area)[0, 1] > 0.95
+    position = world.position_reward(images)
+    assert np.abs(position - scenes.centre_x / world.IMAGE_SIZE).max() < 0.05
+    assert np.corrcoef(world.brightness_reward(images), scenes.background)[0, 1] > 0.95
+    # a grey image has no object: size 0, position neutral
+    grey = np.full((1, 32, 32, 3), 0.4)
+    assert world.size_reward(grey)[0] == 0.0 and world.position_reward(grey)[0] == 0.5
+    assert world.contrast_reward(grey)[0] == pytest.approx(0.0, abs=1e-12)
+    assert world.brightness_reward(grey)[0] == pytest.approx(0.4)
