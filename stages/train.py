@@ -21,6 +21,7 @@ import torch
 import inpo_pipeline
 from cache_schema import CacheStore, now_iso
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
+from inpo_pipeline.checkpoints import load_training_state, save_training_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.models import SDXL, alphas_cumprod_from_config
 from inpo_pipeline.objectives import (
@@ -262,11 +263,11 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     optimizer = _optimizer(options, trainable_parameters(policy))
     scheduler = _constant_with_warmup(optimizer, options.warmup)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     start_step = 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_training_state(checkpoint, accelerator.unwrap_model(policy), optimizer, scheduler, accelerator.scaler,
+                            accelerator.process_index)
         start_step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         reporter.line(f"resuming from {checkpoint} (step {start_step})")
     if accelerator.is_main_process:
@@ -343,8 +344,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metrics: dict[str, Any]) -> None:
-    """accelerate state into a temporary folder, renamed into place once complete; keep the last K."""
+def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metrics: dict[str, Any],
+                     policy: Any, optimizer: Any, scheduler: Any) -> None:
+    """The training state (`checkpoints.py`, no pickle) into a temporary folder, renamed into place
+    once complete; keep the last K."""
     folder = run_dir / CHECKPOINTS
     temporary = folder / f".tmp-step-{step:07d}"
     final = folder / f"step-{step:07d}"
@@ -352,7 +355,8 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metr
         shutil.rmtree(temporary, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    save_training_state(temporary, accelerator.unwrap_model(policy), optimizer, scheduler, accelerator.scaler,
+                        accelerator.process_index, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / STATE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}))
@@ -430,7 +434,8 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                 accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
             update(metrics)
             if step % options.checkpoint_every == 0 or step == options.steps:
-                _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics)
+                _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics, policy, optimizer,
+                                 scheduler)
     metrics["winner_error_above_reference_since_step"] = monitor.rose_at
     return metrics
 

@@ -307,3 +307,43 @@ def test_a_store_with_a_lost_object_is_refused_in_one_line(sd15_store, tmp_path,
     assert "Traceback" not in result.output
     verify = runner.invoke(app, ["cache", "verify", str(damaged)])
     assert verify.exit_code != 0 and "rows/target_rejected/c/0/0/0/0 is missing" in verify.output
+
+
+class _Exploit:
+    """Unpickling this writes a marker file: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_resume_never_unpickles_a_file_in_the_run_folder(sd15_store, tmp_path):
+    import pickle
+
+    import torch
+
+    run = tmp_path / "run"
+    assert train(sd15_store, run, "--steps", "2", "--checkpoint-every", "1").exit_code == 0
+    checkpoint = run / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+        "scheduler.json", "training_state.json"]
+    marker = tmp_path / "executed"
+    # what accelerate would unpickle: custom objects, RNG states, the optimizer
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        (checkpoint / name).write_bytes(pickle.dumps(_Exploit(str(marker))))
+    torch.save({"x": _Exploit(str(marker))}, checkpoint / "optimizer.bin")
+    resumed = train(sd15_store, run, "--steps", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not marker.exists()
+
+    # a checkpoint of the old pickled format is refused in one line, and still not unpickled
+    old = run / "checkpoints" / "step-0000003"
+    for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json"):
+        (old / name).unlink()
+    (old / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    refused = train(sd15_store, run, "--steps", "4", "--resume")
+    assert refused.exit_code == 2 and "cannot load safely" in " ".join(refused.output.split()), refused.output
+    assert not marker.exists()
