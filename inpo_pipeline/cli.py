@@ -289,7 +289,9 @@ def _quiet_libraries() -> None:
 
 @app.callback()
 def _setup() -> None:
-    _quiet_libraries()
+    # --help of a sub-command runs this callback first: it must not pay for importing torch
+    if not any(argument in ("--help", "-h") for argument in sys.argv[1:]):
+        _quiet_libraries()
 
 
 _register_commands()

@@ -21,7 +21,7 @@ def test_reduced_demo_aligns_and_the_shuffled_control_does_not(tmp_path) -> None
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, [
         "demo", "--out", str(out), "--pairs-per-prompt", "30", "--eval-seeds", "34",
-        "--sample-steps", "15",
+        "--sample-steps", "15", "--rewards", "colour",
     ])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
@@ -40,3 +40,23 @@ def test_reduced_demo_aligns_and_the_shuffled_control_does_not(tmp_path) -> None
 
     assert (out / "grid.png").stat().st_size > 1000
     assert (out / "rewards.png").stat().st_size > 500
+
+
+REWARDS = ("colour", "size", "position", "brightness", "contrast")
+
+
+def test_every_kind_of_reward_moves_with_its_labels(tmp_path) -> None:
+    """Preferences of every kind (docs/proof.md, "Rewards"): for each reward of the world, the default
+    recipe and objective raise it on true labels (interval above 0) and lower it on reversed ones."""
+    out = tmp_path / "rewards"
+    result = CliRunner().invoke(app, [
+        "demo", "--out", str(out), "--pairs-per-prompt", "30", "--eval-seeds", "20", "--sample-steps", "15",
+        "--rewards", ",".join(REWARDS), "--labels", "reward,reversed",
+    ])
+    assert result.exit_code == 0, result.output
+    comparisons = json.loads((out / "results.json").read_text())["comparisons"]
+    for reward in REWARDS:
+        true = comparisons["reward" if reward == "colour" else f"{reward}-reward"]
+        reversed_ = comparisons["reversed" if reward == "colour" else f"{reward}-reversed"]
+        assert true["difference_interval"][0] > 0, (reward, true)
+        assert reversed_["difference_interval"][1] < 0, (reward, reversed_)
