@@ -59,13 +59,24 @@ class ScorerSpec:
     backbone: str | None = None
 
 
+def _holds_processor(location: str) -> bool:
+    """A local folder with a CLIP processor's files (image preprocessing and a tokenizer)."""
+    folder = Path(location)
+    # transformers writes preprocessor_config.json, and since v5 also processor_config.json alone
+    return folder.is_dir() and any((folder / name).is_file() for name in ("preprocessor_config.json",
+                                                                          "processor_config.json"))
+
+
 def resolve_spec(name: str, model: str | None = None, processor: str | None = None,
                  backbone: str | None = None) -> ScorerSpec:
     """The spec with each scorer's published defaults filled in."""
     if name not in SCORERS:
         raise UserError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
     if name == "pickscore":
-        return ScorerSpec(name, model or PICKSCORE_MODEL, processor or VIT_H_14)
+        model = model or PICKSCORE_MODEL
+        # PickScore's hub repo has no processor files (its card points at ViT-H-14's); a local
+        # folder that holds them is enough on its own, so an offline machine never asks the hub
+        return ScorerSpec(name, model, processor or (model if _holds_processor(model) else VIT_H_14))
     if name == "clip":
         model = model or VIT_L_14
         return ScorerSpec(name, model, processor or model)

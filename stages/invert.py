@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from pathlib import Path
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -84,7 +85,8 @@ class InvertOptions:
         checks = [
             (self.inversion_steps >= 1, "--inversion-steps must be at least 1"),
             (self.timestep_mode in ddim.TIMESTEP_MODES, f"--timestep-mode must be one of {ddim.TIMESTEP_MODES}"),
-            (math.isfinite(self.inversion_guidance), "--inversion-guidance must be a finite number"),
+            (math.isfinite(self.inversion_guidance) and self.inversion_guidance >= 0,
+             "--inversion-guidance must be a finite number >= 0 (0 unconditional, 1 conditional, above 1 CFG)"),
             (math.isfinite(self.eta) and self.eta >= 0, "--eta must be >= 0"),
             (0 <= self.inversion_prompt_dropout <= 1, "--inversion-prompt-dropout must be between 0 and 1"),
             (0 <= self.flip <= 1, "--flip must be between 0 and 1"),
@@ -99,7 +101,11 @@ class InvertOptions:
             (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
-            (self.rows_per_shard >= 1 and self.shards_per_window >= 1, "shard sizes must be at least 1"),
+            (self.rows_per_shard >= 1, "--rows-per-shard must be at least 1"),
+            (self.shards_per_window >= 1, "--shards-per-window must be at least 1"),
+            (self.prompts_per_chunk >= 1, "--prompts-per-chunk must be at least 1"),
+            (not Path(self.out).exists() or Path(self.out).is_dir(),
+             f"--out {self.out} is a file; give the path of a store folder"),
         ]
         for ok, message in checks:
             if not ok:

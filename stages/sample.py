@@ -7,6 +7,8 @@ image not yet in OUT, in batches, each image from its own seeded noise (see
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import time
@@ -45,7 +47,8 @@ class SampleOptions:
         checks = [
             (self.seeds >= 1, "--seeds must be at least 1"),
             (self.steps >= 1, "--steps must be at least 1"),
-            (self.guidance is None or self.guidance >= 0, "--guidance must be >= 0"),
+            (self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
+             "--guidance must be a finite number >= 0"),
             (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
             (self.scheduler in sampling.SCHEDULERS, f"--scheduler must be one of {', '.join(sampling.SCHEDULERS)}"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

@@ -81,8 +81,11 @@ class TrainOptions:
     def validate(self) -> None:
         checks = [
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}"),
-            (self.beta is None or self.beta > 0, "--beta must be > 0"),
-            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.beta is None or (math.isfinite(self.beta) and self.beta > 0), "--beta must be a finite number > 0"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr must be a finite number > 0"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be a finite number >= 0"),
+            (not Path(self.out).exists() or Path(self.out).is_dir(),
+             f"--out {self.out} is a file; give a folder for the run (it is created if missing)"),
             (self.steps >= 1, "--steps must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
@@ -94,7 +97,7 @@ class TrainOptions:
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.num_workers >= 0, "--num-workers must be >= 0"),
-            (self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm must be a finite number > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
              "--winner-preserving must be between 0 and 1 (Diffusion-SDPO uses 0.9)"),

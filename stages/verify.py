@@ -28,6 +28,10 @@ REFERENCE_ERROR_RTOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 def verify_store(store_path: str, *, recompute: int = 0, seed: int = 0, device: str | None = None,
                  reporter: Reporter | None = None) -> list[str]:
     """Every problem found, one line each; an empty list means the store is sound."""
+    if recompute < 0:
+        raise UserError("--recompute must be >= 0")
+    if not 0 <= seed < 2**63:
+        raise UserError("--seed must be between 0 and 2**63 - 1")
     reporter = reporter or Reporter()
     store = CacheStore.open(store_path)
     if not store.every_chunk_written:

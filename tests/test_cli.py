@@ -43,3 +43,43 @@ def test_help_answers_in_under_a_second_without_importing_torch(command):
         assert result.returncode == 0, result.stderr
         assert "Usage" in result.stdout and result.stdout.rstrip().endswith("NO-TORCH"), result.stdout[-500:]
     assert min(seconds) < 1.0, seconds
+
+
+def _one_line_error(args: list[str], option: str) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and option in errors[0], result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+TRAIN = ["train", "--cache", "/nowhere.zarr", "--out", "/tmp/inpo-never-run"]
+INVERT = ["invert", "--model", "/nowhere", "--data", "/nowhere.parquet", "--out", "/tmp/inpo-never.zarr"]
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (TRAIN + ["--weight-decay", "nan"], "--weight-decay"),
+    (TRAIN + ["--weight-decay", "-5"], "--weight-decay"),
+    (TRAIN + ["--beta", "inf"], "--beta"),
+    (TRAIN + ["--lr", "nan"], "--lr"),
+    (TRAIN + ["--max-grad-norm", "inf"], "--max-grad-norm"),
+    (TRAIN + ["--prompt-dropout", "nan"], "--prompt-dropout"),
+    (TRAIN + ["--winner-preserving", "1.5"], "--winner-preserving"),
+    (TRAIN + ["--objective", "sft", "--winner-preserving", "0.9"], "--winner-preserving"),
+    (INVERT + ["--inversion-guidance", "-5"], "--inversion-guidance"),
+    (INVERT + ["--eta", "nan"], "--eta"),
+    (INVERT + ["--flip", "nan"], "--flip"),
+    (INVERT + ["--rows-per-shard", "0"], "--rows-per-shard"),
+    (["cache", "verify", "/nowhere.zarr", "--recompute", "-5"], "--recompute"),
+])
+def test_bad_option_values_are_one_line_errors_before_any_work(args, option):
+    _one_line_error(args, option)
+
+
+def test_out_pointing_at_a_file_is_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _one_line_error(["train", "--cache", "/nowhere.zarr", "--out", str(a_file)], "--out")
+    _one_line_error(["invert", "--model", "/nowhere", "--data", "/nowhere.parquet", "--out", str(a_file)], "--out")

@@ -186,3 +186,20 @@ def test_defaults_and_required_files():
 def test_imagereward_is_unavailable_without_its_package():
     with pytest.raises(ScorerUnavailable, match="ImageReward package does not import"):
         load_scorer(resolve_spec("imagereward"), CPU)
+
+
+def test_a_local_pickscore_folder_is_enough_offline(scorer_files, monkeypatch, tmp_path):
+    """--scorer-model pickscore=FOLDER with the processor files in it never asks the hub."""
+    spec = resolve_spec("pickscore", str(scorer_files.clip))
+    assert spec.processor == str(scorer_files.clip)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub-cache"))
+    scorer = load_scorer(spec, CPU)
+    from PIL import Image
+
+    scores = scorer.score([Image.new("RGB", (32, 32), "red")], ["a red circle"])
+    assert len(scores) == 1 and math.isfinite(float(scores[0]))
+    # without the processor files, the published processor is still the default
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    assert resolve_spec("pickscore", str(bare)).processor == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
