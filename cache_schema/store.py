@@ -32,6 +32,9 @@ which lack the v3 baseline arrays, stay readable)::
       done/shards                   (S,) u1       1 = row shard complete (one object per shard)
       done/prompt_chunks            (Q,) u1       1 = prompt chunk complete
       done/shard_stats              (S, 3) f8     UNet row-evaluations, padded evaluations, seconds
+                                                  (a diagnostic: the only array that is not data; its
+                                                  seconds differ between runs, so "bit-identical"
+                                                  stores are identical in every other array)
 
 Write discipline (several processes, one store): every array is created at its final size
 before any writer starts; a writer owns whole shards and writes each one in a single
@@ -74,6 +77,7 @@ SHARD_STATS_WIDTH = 3
 # object can only mean a lost one (stores with the attribute below were written this way)
 EVERY_CHUNK = {"array.write_empty_chunks": True}
 EVERY_CHUNK_ATTRIBUTE = "every_chunk_written"
+DIAGNOSTIC_ARRAYS = ("done/shard_stats",)  # measurements of the run (seconds), not data
 
 
 class StoreError(Exception):
@@ -623,6 +627,19 @@ class CacheStore:
         done_rows = np.repeat(self.shards_done(), self.layout.rows_per_shard)[: self.layout.num_rows]
         valid = np.asarray(self.group["rows"]["valid"][:]).astype(bool)
         return np.flatnonzero(done_rows & valid)
+
+    # ------------------------------------------------------------------ data and diagnostics
+    def data_arrays(self) -> dict[str, np.ndarray]:
+        """Every array that is data, as stored (bit-identical across process counts and resumes),
+        keyed by path; the diagnostics (DIAGNOSTIC_ARRAYS) are left out."""
+        arrays: dict[str, np.ndarray] = {}
+        for group_name in ("rows", "prompts", "done"):
+            group = self.group[group_name]
+            for name in sorted(group.array_keys()):
+                path = f"{group_name}/{name}"
+                if path not in DIAGNOSTIC_ARRAYS:
+                    arrays[path] = np.asarray(group[name][...])
+        return arrays
 
     # ------------------------------------------------------------------ lost objects
     @property

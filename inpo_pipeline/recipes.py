@@ -64,6 +64,13 @@ def store_warnings(settings: dict[str, Any]) -> list[str]:
             "inversion (DESIGN §1.5: one stride too low, destination labels, ā = 1 start); its results are "
             "a variant's, not the authors'. Re-invert with --recipe authors for the authors' algorithm"
         )
+    if settings.get("timestep_mode") == "exact":
+        warnings.append(
+            "this store's targets come from the `exact` walk (the `inpo` recipe's variant), which trained the "
+            "shapes world's brightness *against* its labels while the authors' walk followed "
+            "them (docs/proof.md, \"Preferences of every kind\"); prefer --recipe authors (the default) for "
+            "preferences about whole-image properties"
+        )
     return warnings
 
 

@@ -44,11 +44,25 @@ from stages.train import TrainOptions, run_train  # noqa: E402
 
 
 def parse_method(text: str) -> tuple[str, str]:
+    """RECIPE[+SETTING=VALUE...]:OBJECTIVE, e.g. inpo+timestep_mode=authors:inpo (one recipe setting changed)."""
     recipe, _, objective = text.partition(":")
-    if recipe not in RECIPES or objective not in OBJECTIVES:
-        raise SystemExit(f"error: --method {text!r} must be RECIPE:OBJECTIVE with RECIPE in {list(RECIPES)} "
-                         f"and OBJECTIVE in {list(OBJECTIVES)}")
+    base, *overrides = recipe.split("+")
+    if base not in RECIPES or objective not in OBJECTIVES or any(
+            o.partition("=")[0] not in RECIPES[base] for o in overrides):
+        raise SystemExit(f"error: --method {text!r} must be RECIPE[+SETTING=VALUE...]:OBJECTIVE with RECIPE in "
+                         f"{list(RECIPES)}, SETTING in {list(RECIPES['authors'])} and OBJECTIVE in {list(OBJECTIVES)}")
     return recipe, objective
+
+
+def recipe_options(recipe: str) -> dict:
+    """InvertOptions fields of a RECIPE[+SETTING=VALUE...] string."""
+    base, *overrides = recipe.split("+")
+    options: dict = {"recipe": base}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        default = RECIPES[base][key]
+        options[key] = type(default)(value) if not isinstance(default, str) else value
+    return options
 
 
 def method_name(method: tuple[str, str]) -> str:
@@ -151,7 +165,7 @@ def main() -> None:
                 started = time.perf_counter()
                 objectives = "all" if any(o != "inpo" for r, o in methods if r == recipe) else "inpo"
                 summary = run_invert(InvertOptions(
-                    model=str(model), data=str(data), out=str(store), recipe=recipe, timesteps_per_pair=2,
+                    model=str(model), data=str(data), out=str(store), **recipe_options(recipe), timesteps_per_pair=2,
                     batch_size=64, rows_per_shard=128, shards_per_window=4, seed=0, device="cpu",
                     objectives=objectives,
                 ), reporter)

@@ -270,11 +270,11 @@ def test_mixed_precision_step_zero_matches_when_the_store_used_the_same_precisio
     matched = train(store, tmp_path / "matched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1",
                     "--mixed-precision", "bf16", "--prompt-dropout", "0.5")
     assert matched.exit_code == 0, matched.output
-    assert "warning" not in matched.output
+    assert "computed with compute dtype" not in matched.output  # no precision warning
     assert metrics(tmp_path / "matched")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # the default precision is the store's: no flag needed for log 2
     default = train(store, tmp_path / "default", "--steps", "1", "--batch-size", "8", "--grad-accum", "1")
-    assert default.exit_code == 0 and "warning" not in default.output
+    assert default.exit_code == 0 and "computed with compute dtype" not in default.output
     assert json.loads((tmp_path / "default" / "run.json").read_text())["options"]["mixed_precision"] == "bf16"
     assert metrics(tmp_path / "default")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     mismatched = train(store, tmp_path / "mismatched", "--steps", "1", "--batch-size", "8", "--grad-accum", "1",
