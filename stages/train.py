@@ -467,8 +467,9 @@ class WinnerMonitor:
             remedy = "" if self.safeguarded else "; --winner-preserving 0.9 keeps it from rising"
             self.reporter.line(
                 f"warning: step {step}: the winners' error is above the reference's (mean e_θ^w − e_ref^w "
-                f"{sum(self.recent) / self.WINDOW:+.3g} over {self.WINDOW} steps): the loss can fall while the "
-                f"model fits the preferred images worse{remedy}"
+                f"{sum(self.recent) / self.WINDOW:+.3g} over {self.WINDOW} steps): the loss is falling partly by "
+                f"fitting the losers worse; in the shapes world this also happened in runs that aligned, so judge "
+                f"by samples (docs/proof.md){remedy}"
             )
 
 

@@ -347,3 +347,38 @@ def test_resume_never_unpickles_a_file_in_the_run_folder(sd15_store, tmp_path):
     refused = train(sd15_store, run, "--steps", "4", "--resume")
     assert refused.exit_code == 2 and "cannot load safely" in " ".join(refused.output.split()), refused.output
     assert not marker.exists()
+
+
+def test_winner_excess_is_logged_and_the_safeguard_only_changes_gradients(sd15_store, tmp_path):
+    plain, guarded = tmp_path / "plain", tmp_path / "guarded"
+    assert train(sd15_store, plain, "--steps", "3", "--lr", "1e-3").exit_code == 0
+    result = train(sd15_store, guarded, "--steps", "3", "--lr", "1e-3", "--winner-preserving", "0.9")
+    assert result.exit_code == 0, result.output
+    first, second = metrics(plain), metrics(guarded)
+    # step 1: same rows, same weights, and the safeguard leaves every forward value alone
+    for key in ("loss", "margin", "winner_error_excess", "loser_error_excess"):
+        assert first[0][key] == pytest.approx(second[0][key], rel=1e-6, abs=1e-9), key
+    assert first[0]["winner_error_excess"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
+    assert all(line["loser_gradient_scale"] is None for line in first)
+    assert all(0.0 <= line["loser_gradient_scale"] <= 1.0 for line in second)
+    assert json.loads((guarded / "run.json").read_text())["options"]["winner_preserving"] == 0.9
+    assert "winners' error − reference's" in " ".join(result.output.split())
+
+
+def test_winner_monitor_warns_once_when_the_winners_error_stays_above_the_reference():
+    from inpo_pipeline.reporting import Reporter
+    from stages.train import WinnerMonitor
+
+    lines: list[str] = []
+    reporter = Reporter(enabled=False)
+    reporter.line = lines.append  # type: ignore[method-assign]
+    monitor = WinnerMonitor(reporter, safeguarded=False)
+    for step, excess in enumerate([-1e-3] * 10 + [5e-3] * 5 + [1e-3] * 20, start=1):
+        monitor.update(step, {"winner_error_excess": excess})
+    # the 10-step mean first turns positive at step 12 (8 × −1e-3 + 2 × 5e-3 > 0)
+    assert monitor.rose_at == 12
+    assert len(lines) == 1 and "step 12" in lines[0] and "--winner-preserving" in lines[0]
+    quiet = WinnerMonitor(reporter, safeguarded=False)
+    for step in range(1, 40):
+        quiet.update(step, {"winner_error_excess": -1e-4})
+    assert quiet.rose_at is None and len(lines) == 1
