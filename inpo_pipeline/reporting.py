@@ -58,6 +58,10 @@ class Reporter:
         if not self.enabled or total == 0:
             yield lambda _n: None
             return
+        if not self.console.is_terminal:
+            # a log or a pipe: whole lines (a bar would be cut to the default width of 80)
+            yield _plain_progress(self, name, total, unit)
+            return
         columns = [
             TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -78,6 +82,15 @@ class Reporter:
                        "{task.fields[speed]} pairs/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         ]
+        if not self.console.is_terminal:
+            def plain(metrics: Mapping[str, Any]) -> None:
+                speed = metrics.get("pairs_per_second")
+                self.line(f"step {metrics['step']}/{total}: loss {metrics['loss']:.5f}, "
+                          f"implicit accuracy {metrics['implicit_accuracy']:.3f}, lr {metrics['lr']:.3g}"
+                          + (f", {speed:.1f} pairs/s" if speed else ""))
+
+            yield plain
+            return
         with Progress(*columns, console=self.console) as progress:
             task = progress.add_task("training", total=total, completed=start,
                                      loss="?", accuracy="?", lr="?", speed="?")
@@ -87,9 +100,6 @@ class Reporter:
                 progress.update(task, completed=metrics["step"], loss=f"{metrics['loss']:.4f}",
                                 accuracy=f"{metrics['implicit_accuracy']:.2f}", lr=f"{metrics['lr']:.2e}",
                                 speed=f"{speed:.1f}" if speed else "?")
-                if not self.console.is_terminal:
-                    self.line(f"step {metrics['step']}/{total}: loss {metrics['loss']:.5f}, "
-                              f"implicit accuracy {metrics['implicit_accuracy']:.3f}, lr {metrics['lr']:.3g}")
 
             yield update
 
@@ -103,6 +113,33 @@ class Reporter:
         for key, value in items:
             table.add_row(str(key), str(value))
         self.console.print(table)
+
+
+def _plain_progress(reporter: Reporter, name: str, total: int, unit: str) -> Callable[[int], None]:
+    """`advance(n)` that prints one line per tenth of the work: done/total, rate, elapsed, eta."""
+    import time
+
+    started = time.perf_counter()
+    state = {"done": 0, "printed": 0}
+
+    def advance(count: int) -> None:
+        state["done"] += count
+        done = state["done"]
+        if done < total and done * 10 // total == state["printed"] * 10 // total:
+            return
+        state["printed"] = done
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        reporter.line(f"{name}: {done}/{total} {unit}, {rate:.2f} {unit}/s, {_clock(elapsed)} elapsed"
+                      + (f", eta {_clock(eta)}" if done < total and eta == eta else ""))
+
+    return advance
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def human_bytes(count: float) -> str:

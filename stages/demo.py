@@ -318,18 +318,21 @@ def print_comparisons(reporter: Reporter, comparisons: dict[str, world.Compariso
         return
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for column in ("labels", "n", "base reward", "aligned reward", "Δ reward", "win rate (ties ½)"):
-        table.add_column(column)
+    from rich import box
+
+    # compact enough for 80 columns and for logs: one line per model, no cell wraps
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for column in ("labels", "reward", "Δ reward [95% CI]", "win rate [95% CI]"):
+        table.add_column(column, no_wrap=True)
     for name, c in comparisons.items():
         table.add_row(
-            name, str(c.n),
-            f"{c.base_mean:.4f} [{c.base_interval[0]:.4f}, {c.base_interval[1]:.4f}]",
-            f"{c.aligned_mean:.4f} [{c.aligned_interval[0]:.4f}, {c.aligned_interval[1]:.4f}]",
-            f"{c.difference:+.4f} [{c.difference_interval[0]:+.4f}, {c.difference_interval[1]:+.4f}]",
-            f"{c.win_rate:.1%} [{c.win_interval[0]:.1%}, {c.win_interval[1]:.1%}]",
+            name, f"{c.base_mean:.3f}→{c.aligned_mean:.3f}",
+            f"{c.difference:+.3f} [{c.difference_interval[0]:+.3f}, {c.difference_interval[1]:+.3f}]",
+            f"{c.win_rate:.1%} [{100 * c.win_interval[0]:.1f}, {100 * c.win_interval[1]:.1f}]",
         )
     reporter.console.print(table)
+    reporter.line(f"(n = {next(iter(comparisons.values())).n} paired samples per row; ties count half)"
+                  if comparisons else "")
 
 
 def write_grid(path: Path, evaluation: Evaluation, name: str, seeds_shown: int = 4, scale: int = 3) -> Path:

@@ -83,3 +83,29 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path):
     a_file.write_text("x")
     _one_line_error(["train", "--cache", "/nowhere.zarr", "--out", str(a_file)], "--out")
     _one_line_error(["invert", "--model", "/nowhere", "--data", "/nowhere.parquet", "--out", str(a_file)], "--out")
+
+
+def test_the_demo_table_fits_80_columns_one_line_per_model():
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from inpo_pipeline import world
+    from inpo_pipeline.reporting import Reporter
+    from stages.demo import print_comparisons
+
+    rng = np.random.default_rng(0)
+    base = rng.random(240)
+    comparisons = {name: world.compare(base, base + rng.normal(shift, 0.01, 240))
+                   for name, shift in (("reward", 0.02), ("shuffled", 0.0), ("reversed", -0.02),
+                                       ("brightness-reward", 0.07), ("brightness-shuffled", 0.001),
+                                       ("brightness-reversed", -0.07))}
+    buffer = io.StringIO()
+    reporter = Reporter(console=Console(file=buffer, width=80, force_terminal=False, color_system=None))
+    print_comparisons(reporter, comparisons, "inpo demo: 240 held-out samples (6 prompts × 40 seeds)")
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    for name in comparisons:
+        assert sum(line.lstrip().startswith(name + " ") for line in lines) == 1, (name, lines)
+    assert any("[95% CI]" in line for line in lines)
