@@ -169,7 +169,15 @@ def train(
         ("implicit accuracy" if pairwise else "winners fit better than the reference",
          f"{final.get('implicit_accuracy', float('nan')):.3f}"),
         ("winners' error − reference's", _excess_line(final)),
+        ("time", _time_line(final)),
     ])
+
+
+def _time_line(final: dict) -> str:
+    first, per_step = final.get("seconds_to_first_step"), final.get("seconds_per_step")
+    if first is None:
+        return "—"
+    return f"{first:.1f} s to the first step" + (f", then {per_step:.2f} s per step" if per_step else "")
 
 
 def _excess_line(final: dict) -> str:

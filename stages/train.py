@@ -192,6 +192,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    started = time.perf_counter()
     options.validate()
     store = CacheStore.open(options.cache)
     if not store.is_complete():
@@ -288,7 +289,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
                            objective.name, alphas)
     loader = micro_batch_loader(dataset, options.num_workers if remaining > 0 else 0)
     metrics = _train_loop(accelerator, policy, optimizer, scheduler, loader, options, start_step, run_dir,
-                          schedule, reporter)
+                          schedule, reporter, started)
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"run_dir": str(run_dir), "effective_batch": effective_batch,
@@ -373,7 +374,7 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metr
 
 def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, scheduler: Any, loader: Any,
                 options: TrainOptions, start_step: int, run_dir: Path, schedule: BatchSchedule,
-                reporter: Reporter) -> dict[str, Any]:
+                reporter: Reporter, started: float) -> dict[str, Any]:
     device = accelerator.device
     objective = OBJECTIVES[options.objective]
     step = start_step
@@ -381,6 +382,7 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
     monitor = WinnerMonitor(reporter, options.winner_preserving is not None)
     metrics: dict[str, Any] = {}
     step_started = time.perf_counter()
+    first_step_done: float | None = None
     with reporter.training_progress(options.steps, start_step) as update:
         for batch in loader:
             with accelerator.accumulate(policy):
@@ -424,6 +426,8 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
             step += 1
             elapsed = time.perf_counter() - step_started
             step_started = time.perf_counter()
+            if first_step_done is None:
+                first_step_done = step_started
             metrics = sums.gather(accelerator)
             metrics.update(step=step, objective=objective.name, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                            pairs_per_second=metrics["pairs"] / elapsed if elapsed > 0 else None,
@@ -440,6 +444,11 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
                 _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics, policy, optimizer,
                                  scheduler)
     metrics["winner_error_above_reference_since_step"] = monitor.rose_at
+    # start-up (imports, loading, the first step with its loader start) apart from the steady steps
+    if first_step_done is not None:
+        metrics["seconds_to_first_step"] = first_step_done - started
+        later = step - start_step - 1
+        metrics["seconds_per_step"] = (time.perf_counter() - first_step_done) / later if later > 0 else None
     return metrics
 
 
