@@ -136,7 +136,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the data order, prompt dropout and LoRA init.")] = 0,
     export_pipeline: Annotated[bool, typer.Option(help="Also write a full pipeline folder with the trained UNet.")] = False,
-    num_workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 2,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loader worker processes [2 with CUDA, 0 on CPU].")] = None,
     winner_preserving: Annotated[float | None, typer.Option(
         help="μ in [0, 1]: scale the loser's gradient so the winners' error does not rise (Diffusion-SDPO's "
              "safeguard; they use 0.9). Off by default, as in the authors' InPO.")] = None,

@@ -75,7 +75,7 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     export_pipeline: bool = False
-    num_workers: int = 2
+    num_workers: int | None = None  # None: 2 with CUDA, 0 on CPU (measured: docs/benchmarks.md)
     winner_preserving: float | None = None  # μ of the winner-preserving safeguard; None: off
 
     def validate(self) -> None:
@@ -96,7 +96,7 @@ class TrainOptions:
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
-            (self.num_workers >= 0, "--num-workers must be >= 0"),
+            (self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm must be a finite number > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
@@ -121,6 +121,9 @@ class TrainOptions:
         values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
         if self.gradient_checkpointing is None:
             values["gradient_checkpointing"] = family == SDXL
+        if self.num_workers is None:
+            # on a CPU the step itself needs the cores: spawned workers only delay the first step
+            values["num_workers"] = 2 if torch.cuda.is_available() else 0
         return TrainOptions(**values)
 
 
