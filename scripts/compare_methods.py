@@ -100,7 +100,7 @@ def draw_plot(path: Path, rows: list[dict], labelings: list[str]) -> None:
         for l_index, labeling in enumerate(labelings):
             left = label_w + l_index * (panel_w + margin)
             draw.rectangle([left, top + 14, left + panel_w, top + panel_h], outline="black")
-            draw.text((left, top), f"{reward_name}, labels {labeling} (Δ reward, ±{bound:.3f})", fill="black")
+            draw.text((left, top), f"{reward_name} reward, {labeling} labels: change, +-{bound:.3f}", fill="black")
             zero = left + panel_w / 2
             draw.line([zero, top + 14, zero, top + panel_h], fill=(150, 150, 150))
             for m_index, method in enumerate(methods):
