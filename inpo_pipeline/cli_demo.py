@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         pairs_per_prompt: Annotated[int, typer.Option(help="Preference pairs per training prompt (12 prompts).")] = 50,
         eval_seeds: Annotated[int, typer.Option(help="Seeds per held-out prompt (6 prompts) for the evaluation.")] = 40,
         controls: Annotated[bool, typer.Option(help="Also train on shuffled and on reversed labels.")] = True,
-        rewards: Annotated[str, typer.Option(help="Rewards that label the data, comma-separated: colour, size, position, "
+        rewards: Annotated[str, typer.Option(help="Rewards that label the data, comma-separated: colour, size, height, position, "
                                                   "brightness, contrast (docs/proof.md).")] = "colour,brightness",
         labels: Annotated[str, typer.Option(help="Labellings, comma-separated: reward (true), shuffled, reversed.")] = "reward,shuffled,reversed",
         beta: Annotated[float, typer.Option(help="β of the InPO loss.")] = 2000.0,

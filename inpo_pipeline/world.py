@@ -204,6 +204,18 @@ def position_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np
     return values[0] if single else values
 
 
+def height_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.ndarray:
+    """How high the object sits: 1 − its mask's centroid y / height, in [0, 1]; 0.5 with no object.
+    Unlike `position_reward` it survives horizontal flips (the authors' augmentation)."""
+    pixels, single = _unit_pixels(images)
+    mask = object_mask(pixels)
+    rows = (np.arange(pixels.shape[1]) + 0.5) / pixels.shape[1]
+    weight = mask.sum(axis=(1, 2))
+    centroid = (mask * rows[None, :, None]).sum(axis=(1, 2)) / np.maximum(weight, 1e-9)
+    values = np.where(weight > 1.0, 1.0 - centroid, 0.5)
+    return values[0] if single else values
+
+
 def brightness_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.ndarray:
     """A whole-image property: mean luminance (0.299 R + 0.587 G + 0.114 B), in [0, 1]. In this
     world it is mostly the background's grey, which the caption leaves free."""
@@ -220,10 +232,11 @@ def contrast_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np
 
 
 # name → r(images, prompts): the preference labels' and the evaluation's reward. "colour" is the
-# object's named colour (the proof's reward); size and position are properties of the object;
-# brightness and contrast of the whole image.
+# object's named colour (the proof's reward); size, height and position are properties of the
+# object (position, left to right, is mirrored by horizontal flips); brightness and contrast of
+# the whole image.
 REWARDS: dict[str, Callable[..., np.ndarray]] = {
-    "colour": reward, "size": size_reward, "position": position_reward,
+    "colour": reward, "size": size_reward, "height": height_reward, "position": position_reward,
     "brightness": brightness_reward, "contrast": contrast_reward,
 }
 

@@ -166,6 +166,7 @@ def _scene(**changes) -> world.Scenes:
 @pytest.mark.parametrize(("reward", "change", "low", "high"), [
     ("size", "radius", 5.0, 10.0),
     ("position", "centre_x", 9.0, 23.0),
+    ("height", "centre_y", 23.0, 9.0),  # image rows grow downwards: a smaller y is higher
     ("brightness", "background", 0.2, 0.8),
     ("contrast", "background", 0.25, 0.85),  # the red circle's luminance is ≈ 0.34
     ("colour", "radius", 5.0, 10.0),
@@ -183,6 +184,11 @@ def test_object_rewards_measure_the_object() -> None:
     assert np.corrcoef(world.size_reward(images), area)[0, 1] > 0.95
     position = world.position_reward(images)
     assert np.abs(position - scenes.centre_x / world.IMAGE_SIZE).max() < 0.05
+    # horizontal flips mirror the position and leave the height alone
+    flipped = images[:, :, ::-1]
+    assert np.allclose(world.position_reward(flipped), 1 - position, atol=1e-9)
+    assert np.allclose(world.height_reward(flipped), world.height_reward(images), atol=1e-12)
+    assert np.corrcoef(world.height_reward(images), -scenes.centre_y)[0, 1] > 0.95
     assert np.corrcoef(world.brightness_reward(images), scenes.background)[0, 1] > 0.95
     # a grey image has no object: size 0, position neutral
     grey = np.full((1, 32, 32, 3), 0.4)
