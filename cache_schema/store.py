@@ -700,7 +700,10 @@ class CacheStore:
     def _require_objects(self, shards: np.ndarray, inputs: str) -> None:
         """Refuse to read a finished shard whose objects are gone (zarr would return zeros)."""
         checked = self.__dict__.setdefault("_checked_shards", set())
-        done = self.shards_done()
+        # read once per open store: done/shards is one object per flag, too many to read per batch
+        done = self.__dict__.get("_done_at_first_read")
+        if done is None:
+            done = self.__dict__["_done_at_first_read"] = self.shards_done()
         names = [name for name in self.row_array_shapes()
                  if inputs == "all" or (inputs == "inversion" and name not in CLEAN_ARRAYS + FORWARD_ERROR_ARRAYS)
                  or (inputs == "forward" and name not in LATENT_ARRAYS + ERROR_ARRAYS)]
@@ -714,7 +717,9 @@ class CacheStore:
 
     def _require_prompt_objects(self, chunks: np.ndarray) -> None:
         checked = self.__dict__.setdefault("_checked_prompt_chunks", set())
-        done = self.prompt_chunks_done()
+        done = self.__dict__.get("_prompt_chunks_done_at_first_read")
+        if done is None:
+            done = self.__dict__["_prompt_chunks_done_at_first_read"] = self.prompt_chunks_done()
         for chunk in (int(c) for c in chunks):
             if chunk in checked or not done[chunk]:
                 continue
