@@ -268,6 +268,12 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
                   f"mean reward of the base samples {np.mean([pool.reward_0, pool.reward_1]):.4f}")
 
     labelings = options.labelings
+    count = len(options.reward_names) * len(labelings)
+    # from the one measurement we have: 212 s for 3 runs (colour, true/shuffled/reversed) on 2 idle cores
+    reporter.line(f"demo: {count} invert + train runs, then {count + 1} models × "
+                  f"{len(world.HELD_OUT_PROMPTS) * options.eval_seeds} held-out samples; about "
+                  f"{count * 212 / 3 / 60:.0f} min on 2 idle cores (3 runs took 212 s), several times that on busy "
+                  f"ones — torch uses OMP_NUM_THREADS threads (set it to the free cores)")
     runs: dict[str, Path] = {}
     datasets: dict[str, Any] = {}
     for reward_name in options.reward_names:
