@@ -728,6 +728,19 @@ class CacheStore:
                 raise self._lost(missing)
             checked.add(chunk)
 
+    def unmark_lost(self) -> tuple[list[int], list[int]]:
+        """Clear the done flag of every finished shard and prompt chunk with a lost object, so that
+        the store's `inpo invert` command redoes exactly those; returns (shards, prompt chunks)."""
+        done, chunks_done = self.shards_done(), self.prompt_chunks_done()
+        shards = [s for s in range(self.layout.num_shards) if done[s] and self.missing_shard_objects(s)]
+        chunks = [c for c in range(self.layout.num_prompt_chunks) if chunks_done[c] and self.missing_prompt_objects(c)]
+        with zarr.config.set(EVERY_CHUNK):
+            for shard in shards:
+                self.group["done"]["shards"][shard] = 0
+            for chunk in chunks:
+                self.group["done"]["prompt_chunks"][chunk] = 0
+        return shards, chunks
+
     # ------------------------------------------------------------------ summaries
     def bytes_on_disk(self) -> int:
         total = 0

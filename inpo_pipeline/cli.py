@@ -244,12 +244,13 @@ def cache_verify(
     recompute: Annotated[int, typer.Option(help="Also redo K random rows from the source images and compare.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed choosing the rows to recompute.")] = 0,
     device: Annotated[str | None, typer.Option(help="torch device for --recompute.")] = None,
+    repair: Annotated[bool, typer.Option(help="Mark shards with lost objects unfinished, for `inpo invert` to redo.")] = False,
 ) -> None:
     """Check completeness, shapes, NaN/Inf and every checksum; optionally recompute rows."""
     from stages.verify import verify_store
 
     reporter = Reporter()
-    problems = verify_store(store, recompute=recompute, seed=seed, device=device, reporter=reporter)
+    problems = verify_store(store, recompute=recompute, seed=seed, device=device, reporter=reporter, repair=repair)
     for problem in problems:
         typer.echo(f"FAIL {problem}", err=True)
     if problems:

@@ -26,8 +26,9 @@ REFERENCE_ERROR_RTOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 
 
 def verify_store(store_path: str, *, recompute: int = 0, seed: int = 0, device: str | None = None,
-                 reporter: Reporter | None = None) -> list[str]:
-    """Every problem found, one line each; an empty list means the store is sound."""
+                 reporter: Reporter | None = None, repair: bool = False) -> list[str]:
+    """Every problem found, one line each; an empty list means the store is sound. With `repair`,
+    shards and prompt chunks with lost objects are marked unfinished, for `inpo invert` to redo."""
     if recompute < 0:
         raise UserError("--recompute must be >= 0")
     if not 0 <= seed < 2**63:
@@ -39,6 +40,11 @@ def verify_store(store_path: str, *, recompute: int = 0, seed: int = 0, device: 
                       "objects can be detected in its latents only")
     with reporter.progress("reading every shard", store.layout.num_shards, unit="shards") as advance:
         problems = store.check_integrity(progress=lambda _shard: advance(1))
+    if repair and problems:
+        shards, chunks = CacheStore.open(store_path, mode="r+").unmark_lost()
+        if shards or chunks:
+            reporter.line(f"repair: {len(shards)} shard(s) and {len(chunks)} prompt chunk(s) with lost objects are "
+                          "marked unfinished; run the store's `inpo invert` command again to redo exactly those")
     if recompute > 0 and not problems:
         problems += recompute_rows(store, recompute, seed, torch.device(device or "cpu"), reporter)
     return problems

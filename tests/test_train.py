@@ -382,3 +382,26 @@ def test_winner_monitor_warns_once_when_the_winners_error_stays_above_the_refere
     for step in range(1, 40):
         quiet.update(step, {"winner_error_excess": -1e-4})
     assert quiet.rose_at is None and len(lines) == 1
+
+
+def test_verify_repair_lets_invert_redo_exactly_the_lost_shards(sd15_store, tiny_sd15, pickapic, tmp_path):
+    import shutil
+
+    from cache_schema import CacheStore
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(sd15_store, damaged)
+    (damaged / "rows" / "latent_rejected" / "c" / "1" / "0" / "0" / "0").unlink()
+    (damaged / "prompts" / "embedding" / "c" / "0" / "0" / "0").unlink()
+    repaired = runner.invoke(app, ["cache", "verify", str(damaged), "--repair"])
+    assert repaired.exit_code == 1 and "1 shard(s) and 1 prompt chunk(s)" in " ".join(repaired.output.split())
+    after = runner.invoke(app, ["cache", "verify", str(damaged)])
+    assert "is missing" not in after.output and "incomplete" in after.output
+    redo = runner.invoke(app, ["invert", "--model", str(tiny_sd15), "--data", str(pickapic["path"]),
+                               "--out", str(damaged), *INVERT])
+    assert redo.exit_code == 0, redo.output
+    assert runner.invoke(app, ["cache", "verify", str(damaged)]).exit_code == 0
+    original, restored = CacheStore.open(sd15_store).data_arrays(), CacheStore.open(damaged).data_arrays()
+    assert sorted(original) == sorted(restored)
+    for path, values in original.items():
+        assert np.array_equal(values, restored[path]), path
