@@ -662,11 +662,15 @@ class CacheStore:
             shapes.update({"caption_index": (layout.num_rows,), "flip": (layout.num_rows, 2)})
         return shapes
 
+    @staticmethod
+    def _object_key(array: Any, index: int) -> str:
+        """The key of the object holding leading-axis chunk (or shard) `index` of `array`."""
+        return array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+
     def _object_exists(self, array: Any, index: int) -> bool:
         from zarr.core.sync import sync
 
-        coords = (index,) + (0,) * (array.ndim - 1)
-        return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
+        return bool(sync((array.store_path / self._object_key(array, index)).exists()))
 
     def missing_shard_objects(self, shard: int, names: Sequence[str] | None = None) -> list[str]:
         """Paths of the objects of a finished shard that are not in the store.
@@ -681,13 +685,13 @@ class CacheStore:
         if not self.every_chunk_written:
             valid = np.asarray(rows["valid"][self.layout.shard_rows(shard)]).astype(bool)
             names = [n for n in names if n in LATENT_ARRAYS + CLEAN_ARRAYS] if valid.any() else []
-        return [f"rows/{name}/{rows[name].metadata.encode_chunk_key((shard,) + (0,) * (rows[name].ndim - 1))}"
+        return [f"rows/{name}/{self._object_key(rows[name], shard)}"
                 for name in names if not self._object_exists(rows[name], shard)]
 
     def missing_prompt_objects(self, chunk: int) -> list[str]:
         prompts = self.group["prompts"]
         names = [name for name in ("embedding", "pooled_embedding") if name in prompts]
-        return [f"prompts/{name}/{prompts[name].metadata.encode_chunk_key((chunk, 0) + (0,) * (prompts[name].ndim - 2))}"
+        return [f"prompts/{name}/{self._object_key(prompts[name], chunk)}"
                 for name in names if not self._object_exists(prompts[name], chunk)]
 
     def _lost(self, missing: list[str]) -> StoreError:

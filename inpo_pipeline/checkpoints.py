@@ -30,12 +30,6 @@ MODEL_FILE = "model.safetensors"
 REQUIRED_FILES = (MODEL_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json")
 
 
-def _tensor_free(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        raise TypeError("tensors go to safetensors")
-    return value
-
-
 def save_training_state(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
                         rank: int, main_process: bool) -> None:
     """Write this process's part of a checkpoint (the main process writes the shared files)."""
@@ -53,7 +47,7 @@ def save_training_state(folder: Path, model: torch.nn.Module, optimizer: Any, sc
                 if isinstance(value, torch.Tensor):
                     tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
                 else:
-                    scalars.setdefault(str(index), {})[name] = _tensor_free(value)
+                    scalars.setdefault(str(index), {})[name] = value
         save_file(tensors, str(folder / "optimizer.safetensors"))
         (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
         (folder / "scheduler.json").write_text(json.dumps(

@@ -193,26 +193,27 @@ def size_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.nda
     return values[0] if single else values
 
 
-def position_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.ndarray:
-    """How far right the object sits: its mask's centroid x / width, in [0, 1]; 0.5 with no object."""
+def _mask_centroid(images: np.ndarray, axis: int) -> tuple[np.ndarray, bool]:
+    """The object mask's centroid along image `axis` (1: rows, 2: columns) in [0, 1]; 0.5 with no object."""
     pixels, single = _unit_pixels(images)
     mask = object_mask(pixels)
-    columns = (np.arange(pixels.shape[2]) + 0.5) / pixels.shape[2]
+    coordinates = (np.arange(pixels.shape[axis]) + 0.5) / pixels.shape[axis]
     weight = mask.sum(axis=(1, 2))
-    centroid = (mask * columns[None, None, :]).sum(axis=(1, 2)) / np.maximum(weight, 1e-9)
-    values = np.where(weight > 1.0, centroid, 0.5)
+    moment = (mask * coordinates.reshape((1, -1, 1) if axis == 1 else (1, 1, -1))).sum(axis=(1, 2))
+    return np.where(weight > 1.0, moment / np.maximum(weight, 1e-9), 0.5), single
+
+
+def position_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.ndarray:
+    """How far right the object sits: its mask's centroid x / width, in [0, 1]; 0.5 with no object."""
+    values, single = _mask_centroid(images, axis=2)
     return values[0] if single else values
 
 
 def height_reward(images: np.ndarray, prompts: str | Sequence[str] = "") -> np.ndarray:
     """How high the object sits: 1 − its mask's centroid y / height, in [0, 1]; 0.5 with no object.
     Unlike `position_reward` it survives horizontal flips (the authors' augmentation)."""
-    pixels, single = _unit_pixels(images)
-    mask = object_mask(pixels)
-    rows = (np.arange(pixels.shape[1]) + 0.5) / pixels.shape[1]
-    weight = mask.sum(axis=(1, 2))
-    centroid = (mask * rows[None, :, None]).sum(axis=(1, 2)) / np.maximum(weight, 1e-9)
-    values = np.where(weight > 1.0, 1.0 - centroid, 0.5)
+    centroid, single = _mask_centroid(images, axis=1)
+    values = 1.0 - centroid
     return values[0] if single else values
 
 

@@ -20,7 +20,6 @@ results.png under --out; runs and stores that exist are reused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
 from inpo_pipeline.recipes import RECIPES  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
 from inpo_pipeline.winrate import clustered_bootstrap  # noqa: E402
-from stages.demo import ensure_world, evaluate, run_unet, sample_pool, write_dataset  # noqa: E402
+from stages.demo import ensure_world, evaluate, rescored, run_unet, sample_pool, write_dataset  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
 from stages.train import TrainOptions, run_train  # noqa: E402
 
@@ -153,9 +152,7 @@ def main() -> None:
     stage_one: dict[str, dict] = {}
     runs: dict[tuple[str, str, str, int], Path] = {}
     for reward_name in rewards:
-        score = world.REWARDS[reward_name]
-        scored = dataclasses.replace(pool, reward_0=score(pool.images_0, pool.prompts),
-                                     reward_1=score(pool.images_1, pool.prompts))
+        scored = rescored(pool, reward_name)
         for labeling in labelings:
             data = out / f"{reward_name}-{labeling}.parquet"
             description = write_dataset(scored, data, labeling, 0)

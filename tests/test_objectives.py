@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 from cache_schema import CacheStore
 from inpo_pipeline.batches import BatchSchedule, read_micro_batch
 from inpo_pipeline.cli import app
-from inpo_pipeline.data import open_source, prepare_image
+from inpo_pipeline.data import open_source
 from inpo_pipeline.loss import diffusion_dpo_loss
 from inpo_pipeline.models import load_unet
 from inpo_pipeline.objectives import OBJECTIVES
-from inpo_pipeline.plan import forward_noise_seed, latent_sample_seed
+from inpo_pipeline.plan import forward_noise_seed
 from inpo_pipeline.policy import policy_errors, preference_metrics
+from tests.test_authors_recipe import Released
 
 runner = CliRunner()
 RESOLUTION = 32
@@ -96,49 +97,17 @@ def test_diffusion_dpo_trains_with_its_beta(stores, tmp_path):
     assert "objective diffusion-dpo" in result.output
 
 
-class OnlineDiffusionDPO:
+class OnlineDiffusionDPO(Released):
     """Diffusion-DPO computed the online way, from the source images (DESIGN §1.7): VAE encode
     (the store's flips and posterior samples), the text encoders, ε and t, a reference forward.
-    Written with diffusers and transformers only, not with the project's inversion code."""
+    Written with diffusers and transformers only (the independent pipeline of the authors-recipe
+    test), not with the project's inversion code."""
 
     def __init__(self, model: Path) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from diffusers import DDPMScheduler
 
-        self.reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
-        self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+        super().__init__(model)
         self.alphas = DDPMScheduler.from_pretrained(model, subfolder="scheduler").alphas_cumprod
-        self.sdxl = (model / "text_encoder_2").exists()
-        self.tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
-        self.encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()]
-        if self.sdxl:
-            self.tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
-            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2").eval())
-
-    @torch.no_grad()
-    def conditioning(self, caption: str) -> tuple[torch.Tensor, dict | None]:
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            ids = tokenizer([caption], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            output = encoder(ids, output_hidden_states=True)
-            states.append(output.hidden_states[-2] if self.sdxl else output.last_hidden_state)
-            pooled = getattr(output, "text_embeds", None)
-        if not self.sdxl:
-            return states[0], None
-        # the authors' constant time ids (R, R, 0, 0, R, R), the store's recipe
-        time_ids = torch.tensor([[RESOLUTION] * 2 + [0, 0] + [RESOLUTION] * 2], dtype=torch.float32)
-        return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
-
-    @torch.no_grad()
-    def clean(self, data: bytes, flipped: bool, seed: int, source_row: int, draw: int, image: int) -> torch.Tensor:
-        pixels = torch.from_numpy(prepare_image(data, RESOLUTION).pixels)[None]
-        if flipped:
-            pixels = pixels.flip(-1)
-        posterior = self.vae.encode(pixels).latent_dist
-        z = torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
-            latent_sample_seed(seed, source_row, draw, image)))[None]
-        return (posterior.mean + posterior.std * z) * self.vae.config.scaling_factor
 
     def loss(self, policy: torch.nn.Module, store: CacheStore, rows: np.ndarray, data: Path,
              beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,20 +120,22 @@ class OnlineDiffusionDPO:
         for index in range(len(rows)):
             record = records[int(plan.source_row[index])]
             caption = store.prompt_texts(np.array([plan.prompt_index[index]]))[0]
-            text, added = self.conditioning(caption)
+            with torch.no_grad():
+                text, added = self.conditioning(caption)
             t = int(plan.timestep[index])
             shape = tuple(store.layout.latent_shape)
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(
                 forward_noise_seed(settings["seed"], record.source_row, int(plan.draw[index]))))[None]
             errors = {}
             for image, (name, data) in enumerate((("chosen", record.chosen), ("rejected", record.rejected))):
-                x0 = self.clean(data, bool(plan.flip[index, image]), settings["seed"], record.source_row,
-                                int(plan.draw[index]), image)
+                with torch.no_grad():
+                    x0 = self.clean_latent(data, bool(plan.flip[index, image]), settings["seed"],
+                                           record.source_row, int(plan.draw[index]), image)
                 alpha = self.alphas[t].double()
                 x_t = (alpha.sqrt().float() * x0 + (1 - alpha).sqrt().float() * noise)
                 step = torch.tensor([t])
                 with torch.no_grad():
-                    reference = self.reference(x_t, step, text, added_cond_kwargs=added).sample
+                    reference = self.unet(x_t, step, text, added_cond_kwargs=added).sample
                 prediction = policy(x_t, step, text, added_cond_kwargs=added).sample
                 errors[name] = ((prediction - noise) ** 2).mean(), ((reference - noise) ** 2).mean()
             result = diffusion_dpo_loss(errors["chosen"][0][None], errors["rejected"][0][None],
