@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--beta", action="append", default=[], help="OBJECTIVE=VALUE (default: the objective's)")
+    parser.add_argument("--winner-preserving", type=float, default=None,
+                        help="μ of `inpo train --winner-preserving` for every pairwise run (use another --out)")
     parser.add_argument("--head-to-head", nargs=2, action="append", default=[], metavar=("A", "B"))
     arguments = parser.parse_args()
     methods = [parse_method(m) for m in (arguments.method or ["authors:inpo"])]
@@ -183,6 +185,7 @@ def main() -> None:
                                 cache=str(store), out=str(run), objective=method[1], beta=betas.get(method[1]),
                                 lr=arguments.lr, steps=arguments.steps, batch_size=16, grad_accum=1, warmup=10,
                                 seed=seed, num_workers=0, checkpoint_every=arguments.steps, keep_checkpoints=1,
+                                winner_preserving=arguments.winner_preserving if OBJECTIVES[method[1]].pairwise else None,
                             ), reporter)
                         runs[(reward_name, labeling, method_name(method), seed)] = run
 
