@@ -39,7 +39,8 @@ from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loade
 from inpo_pipeline.data import open_source, prepare_image  # noqa: E402
 from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
 from inpo_pipeline.loss import inpo_loss  # noqa: E402
-from inpo_pipeline.models import alphas_cumprod_from_config, load_reference, unet_noise  # noqa: E402
+from inpo_pipeline.models import load_reference, unet_noise  # noqa: E402
+from inpo_pipeline.processes import process_from_settings  # noqa: E402
 from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
 from inpo_pipeline.policy import load_policy, policy_errors  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
@@ -128,12 +129,12 @@ def main() -> None:
         optimizer_tick(index)
 
     # ---- (a), (e), (f): the cached step of each objective through the real loader
-    forward_alphas = alphas_cumprod_from_config(settings["scheduler"])
+    process = process_from_settings(settings)
 
     def cached_step_of(objective_name: str):
         objective = OBJECTIVES[objective_name]
         loader = iter(micro_batch_loader(MicroBatches(str(store_path), schedule, 0, 10 * total, objective_name,
-                                                      forward_alphas), arguments.num_workers))
+                                                      process), arguments.num_workers))
 
         def cached_step(index: int) -> None:
             micro = next(loader)

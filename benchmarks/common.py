@@ -42,12 +42,58 @@ SHAPES = {
 }
 
 
+FLOW_SHAPES = {
+    # a CPU-sized SD3-type transformer: 4 joint blocks, 128 wide, patch 2, at 256 px with the small VAE (×8)
+    "small-sd3": {
+        "transformer": dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                            attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256,
+                            caption_projection_dim=128, pooled_projection_dim=256, pos_embed_max_size=32),
+        "resolution": 256,
+    },
+}
+
+
+def build_small_sd3(path: Path, seed: int = 0) -> Path:
+    """`small-sd3`: the small SD1.5 shape's VAE and CLIP width, two CLIPs with projections, a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from inpo_pipeline.example import T5_MAX_LENGTH, build_tiny_t5_tokenizer, caption_words
+
+    spec = SHAPES["small"]
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**FLOW_SHAPES["small-sd3"]["transformer"])
+    vae_blocks = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks, scaling_factor=1.5305, shift_factor=0.0609,
+                        **spec["vae"])
+    clip = [CLIPTextModelWithProjection(CLIPTextConfig(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+                                                       pad_token_id=EOS_TOKEN_ID, max_position_embeddings=77,
+                                                       projection_dim=128, **spec["text"])) for _ in range(2)]
+    t5_tokenizer = build_tiny_t5_tokenizer(path / "tokenizer_3", caption_words(), T5_MAX_LENGTH)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=256, d_kv=32, d_ff=512, num_layers=2,
+                                 num_heads=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0, is_encoder_decoder=False))
+    tokenizer = build_tiny_tokenizer(path / "tokenizer")
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    text_encoder=clip[0], tokenizer=tokenizer, text_encoder_2=clip[1],
+                                    tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(path)
+    return path
+
+
 def build_shaped_pipeline(path: Path, shape: str, seed: int = 0) -> Path:
     """A pipeline folder of the given shape (random weights), built once and reused."""
     if (path / "model_index.json").exists():
         return path
     if shape == "tiny":
         return build_tiny_sd15(path, seed)
+    if shape in ("tiny-sd3", "tiny-flux"):
+        from inpo_pipeline.example import build_tiny_flux, build_tiny_sd3
+
+        return (build_tiny_sd3 if shape == "tiny-sd3" else build_tiny_flux)(path, seed)
+    if shape == "small-sd3":
+        return build_small_sd3(path, seed)
     spec = SHAPES[shape]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=32, **spec["unet"])

@@ -17,6 +17,7 @@ which lack the v3 baseline arrays, stay readable)::
       rows/forward_error_rejected   (N, 2) f32    v3, baselines (x_fwd = √ā·x0 + √(1−ā)·ε, ε regenerated from the seed)
       rows/time_ids_chosen          (N, 6) f32    SDXL only: orig h, w, crop top, left, target h, w
       rows/time_ids_rejected        (N, 6) f32    SDXL only
+      rows/sigma                    (N,) f32      plan, flow stores only: σ (timestep holds round(1000·σ))
       rows/valid                    (N,) u1       0 = the pair's image could not be decoded
       rows/inversion_steps          (N,) i2       UNet steps the inversion took
       rows/timestep                 (N,) i4       plan: t (written at creation)
@@ -28,7 +29,7 @@ which lack the v3 baseline arrays, stay readable)::
       rows/flip                     (N, 2) u1     plan (v2): chosen/rejected image flipped horizontally
       prompts/text                  (P,) str      prompt 0 is the empty prompt
       prompts/embedding             (P, L, D)     text-encoder hidden states, storage dtype
-      prompts/pooled_embedding      (P, D2)       SDXL only
+      prompts/pooled_embedding      (P, D2)       SDXL, SD3, FLUX (pooled text embedding)
       done/shards                   (S,) u1       1 = row shard complete (one object per shard)
       done/prompt_chunks            (Q,) u1       1 = prompt chunk complete
       done/shard_stats              (S, 3) f8     UNet row-evaluations, padded evaluations, seconds
@@ -95,11 +96,15 @@ class StoreLayout:
     pooled_dim: int | None
     storage_dtype: str = "float16"
     forward_arrays: bool = False  # x0 and forward-noised e_ref for the baselines (DESIGN §1.7)
+    size_conditioning: bool | None = None  # SDXL time ids per image; None (older stores): = pooled_dim is set
+    sigma: bool = False  # a flow store: σ per row (DESIGN §1.8)
     rows_per_shard: int = 64
     shards_per_window: int = 16
     prompts_per_chunk: int = 256
 
     def __post_init__(self) -> None:
+        if self.size_conditioning is None:
+            object.__setattr__(self, "size_conditioning", self.pooled_dim is not None)
         if self.storage_dtype not in STORAGE_DTYPES:
             raise StoreError(f"storage dtype {self.storage_dtype!r} is not one of {STORAGE_DTYPES}")
         if self.num_rows < 1:
@@ -160,6 +165,7 @@ class RowPlan:
     draw: np.ndarray
     caption_index: np.ndarray | None = None  # None: the prompt_index (no prompt was dropped)
     flip: np.ndarray | None = None  # (rows, 2) uint8; None: no image flipped
+    sigma: np.ndarray | None = None  # (rows,) float32 σ of a flow store; None: a DDPM store
 
     def __post_init__(self) -> None:
         if self.caption_index is None:
@@ -215,6 +221,7 @@ class RowBatch:
     clean_rejected: np.ndarray | None = None
     forward_error_chosen: np.ndarray | None = None
     forward_error_rejected: np.ndarray | None = None
+    sigma: np.ndarray | None = None  # flow stores: σ per row
 
 
 def _zarr_dtype(storage_dtype: str) -> str:
@@ -305,6 +312,8 @@ class CacheStore:
         path = Path(path)
         if len(plan.timestep) != layout.num_rows or len(prompts) != layout.num_prompts:
             raise StoreError("row plan or prompt list does not match the layout")
+        if (plan.sigma is not None) != layout.sigma:
+            raise StoreError("a flow store's plan needs σ per row, and only a flow store's plan has it")
         if prompts[0] != "":
             raise StoreError("prompt 0 must be the empty prompt")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -335,6 +344,8 @@ class CacheStore:
                 rows["draw"][:] = plan.draw.astype(np.int16)
                 rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
                 rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
+                if layout.sigma:
+                    rows["sigma"][:] = np.asarray(plan.sigma).astype(np.float32)
                 group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
             group.attrs["state"] = "ready"
             os.replace(building, path)
@@ -371,7 +382,7 @@ class CacheStore:
                 row_array(name, latent, dtype, compress)
             for name in FORWARD_ERROR_ARRAYS:
                 row_array(name, (2,), "float32", False)
-        if layout.pooled_dim is not None:
+        if layout.size_conditioning:
             for name in TIME_ID_ARRAYS:
                 row_array(name, (TIME_IDS_WIDTH,), "float32", False)
         for name, array_dtype in (
@@ -387,6 +398,9 @@ class CacheStore:
                 name, shape=(n,), chunks=(r,), dtype=array_dtype, compressors=_codecs(True), fill_value=0
             )
         rows.create_array("flip", shape=(n, 2), chunks=(r, 2), dtype="uint8", compressors=_codecs(True), fill_value=0)
+        if layout.sigma:
+            rows.create_array("sigma", shape=(n,), chunks=(r,), dtype="float32", compressors=_codecs(True),
+                              fill_value=0)
 
         prompts = self.group.create_group("prompts")
         p, q = layout.num_prompts, layout.prompts_per_chunk
@@ -489,6 +503,7 @@ class CacheStore:
             draw=np.asarray(arrays["draw"][rows]),
             caption_index=np.asarray(arrays["caption_index"][rows]) if v2 else None,
             flip=np.asarray(arrays["flip"][rows]) if v2 else None,
+            sigma=np.asarray(arrays["sigma"][rows]) if self.layout.sigma else None,
         )
 
     def prompt_texts(self, indices: slice | np.ndarray | None = None) -> list[str]:
@@ -556,7 +571,7 @@ class CacheStore:
                 rows[name][span] = encode_storage(values, dtype)
             for name in FORWARD_ERROR_ARRAYS:
                 rows[name][span] = np.asarray(getattr(result, name), dtype=np.float32)
-        if self.layout.pooled_dim is not None:
+        if self.layout.size_conditioning:
             for name in TIME_ID_ARRAYS:
                 values = getattr(result, name)
                 assert values is not None, f"{name} is required for SDXL stores"
@@ -598,7 +613,7 @@ class CacheStore:
         def take_latent(name: str) -> np.ndarray:
             return decode_storage(take(name), dtype)
 
-        sdxl = self.layout.pooled_dim is not None
+        sdxl = bool(self.layout.size_conditioning)
         inversion = inputs in ("inversion", "all")
         forward = inputs in ("forward", "all")
         return RowBatch(
@@ -610,6 +625,7 @@ class CacheStore:
             reference_error_chosen=take("reference_error_chosen") if inversion else None,
             reference_error_rejected=take("reference_error_rejected") if inversion else None,
             timestep=take("timestep"),
+            sigma=take("sigma") if self.layout.sigma else None,
             prompt_index=take("prompt_index"),
             valid=take("valid").astype(bool),
             time_ids_chosen=take("time_ids_chosen") if sdxl else None,
@@ -655,8 +671,10 @@ class CacheStore:
         if layout.forward_arrays:
             shapes.update({name: (layout.num_rows, *layout.latent_shape) for name in CLEAN_ARRAYS})
             shapes.update({name: (layout.num_rows, 2) for name in FORWARD_ERROR_ARRAYS})
-        if layout.pooled_dim is not None:
+        if layout.size_conditioning:
             shapes.update({name: (layout.num_rows, TIME_IDS_WIDTH) for name in TIME_ID_ARRAYS})
+        if layout.sigma:
+            shapes["sigma"] = (layout.num_rows,)
         shapes.update({name: (layout.num_rows,) for name in ("valid", "inversion_steps", *PLAN_ARRAYS)})
         if self.schema_version >= 2:
             shapes.update({"caption_index": (layout.num_rows,), "flip": (layout.num_rows, 2)})
@@ -763,9 +781,17 @@ class CacheStore:
         total = len(LATENT_ARRAYS) * c * h * w * item + len(ERROR_ARRAYS) * 2 * 4
         if self.layout.forward_arrays:
             total += len(CLEAN_ARRAYS) * c * h * w * item + len(FORWARD_ERROR_ARRAYS) * 2 * 4
-        if self.layout.pooled_dim is not None:
+        if self.layout.size_conditioning:
             total += len(TIME_ID_ARRAYS) * TIME_IDS_WIDTH * 4
+        if self.layout.sigma:
+            total += 4
         return total + 1 + 2 + 4 + 4 + 8 + 2 + (4 + 2 if self.schema_version >= 2 else 0)
+
+    def raw_bytes_per_prompt(self) -> int:
+        """Uncompressed bytes of one prompt's stored embeddings (T5's hundreds of tokens dominate)."""
+        item = 4 if self.layout.storage_dtype == "float32" else 2
+        length, width = self.layout.text_shape
+        return (length * width + (self.layout.pooled_dim or 0)) * item
 
     def summary(self) -> dict[str, Any]:
         """Facts for `inpo cache info`: progress, sizes, dropped pairs by reason."""
@@ -795,6 +821,7 @@ class CacheStore:
             "bytes_on_disk": disk,
             "bytes_per_row": disk / max(layout.num_rows, 1),
             "raw_bytes_per_row": self.raw_bytes_per_row(),
+            "raw_bytes_per_prompt": self.raw_bytes_per_prompt(),
             "broken_pairs": int(len(broken_sources)),
             "broken_source_rows": broken_sources.tolist(),
             "unet_row_evaluations": float(unet_rows),

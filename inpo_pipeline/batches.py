@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore, StoreError
-from inpo_pipeline import ddim
 from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 from inpo_pipeline.plan import forward_noise, row_keys
+from inpo_pipeline.processes import Process, process_from_settings
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,20 @@ class BatchSchedule:
 
 def read_micro_batch(
     store: CacheStore, rows: np.ndarray, dropped: np.ndarray, objective: str = DEFAULT_OBJECTIVE,
-    alphas_cumprod: torch.Tensor | None = None,
+    process: Process | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything one training micro-batch of `objective` needs, as float32 tensors.
 
-    latents/targets/timesteps/text (and SDXL pooled/time_ids) hold the B chosen images, then,
-    for pairwise objectives, the B rejected ones; reference errors are picked for the prompt
-    each row trains with. InPO reads the inverted x_t and τ_t; the forward-noised objectives
-    read x0, regenerate ε from the store's seed and form x_t here, exactly as stage one did
-    when it cached their reference errors (DESIGN §1.7).
+    latents/targets/labels/text (and pooled, SDXL time_ids, FLUX guidance) hold the B chosen
+    images, then, for pairwise objectives, the B rejected ones; reference errors are picked for
+    the prompt each row trains with. InPO reads the inverted x_t and its target; the
+    forward-noised objectives read x0, regenerate ε from the store's seed and form x_t and the
+    target here through the store's process, exactly as stage one did when it cached their
+    reference errors (DESIGN §1.7, §1.8). `labels` are what the denoiser is called with (integer
+    t, or 1000·σ on flow stores).
     """
     spec = OBJECTIVES[objective]
+    process = process or process_from_settings(store.settings)
     picked, column = np.arange(len(rows)), dropped.astype(np.int64)
     if spec.inputs == INVERSION_INPUTS:
         batch = store.read_rows(rows)
@@ -87,25 +90,24 @@ def read_micro_batch(
     else:
         batch = store.read_rows(rows, inputs="forward")
         assert batch.clean_chosen is not None and batch.clean_rejected is not None
-        noise = forward_noise(store.settings["seed"], batch.source_row, batch.draw, store.layout.latent_shape)
-        if alphas_cumprod is None:
-            from inpo_pipeline.models import alphas_cumprod_from_config
-
-            alphas_cumprod = alphas_cumprod_from_config(store.settings["scheduler"])
+        noise = torch.from_numpy(forward_noise(store.settings["seed"], batch.source_row, batch.draw,
+                                               store.layout.latent_shape))
         clean = torch.from_numpy(np.stack([batch.clean_chosen, batch.clean_rejected], axis=1))
-        latents = ddim.forward_latents(clean, torch.from_numpy(noise), batch.timestep, alphas_cumprod).numpy()
-        images = [(latents[:, 0], noise, batch.forward_error_chosen, batch.time_ids_chosen),
-                  (latents[:, 1], noise, batch.forward_error_rejected, batch.time_ids_rejected)]
+        latents = process.forward_latents(clean, noise, batch.timestep, batch.sigma).float().numpy()
+        targets = process.forward_target(clean, noise, batch.timestep, batch.sigma).float().numpy()
+        images = [(latents[:, 0], targets[:, 0], batch.forward_error_chosen, batch.time_ids_chosen),
+                  (latents[:, 1], targets[:, 1], batch.forward_error_rejected, batch.time_ids_rejected)]
     if not spec.pairwise:
         images = images[:1]
     prompt = np.where(dropped, 0, batch.prompt_index)
     text, pooled = store.read_prompt_embeddings(prompt)
     copies = len(images)
+    labels = process.labels(batch.timestep, batch.sigma)
     result: dict[str, Any] = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
-        "latents": torch.from_numpy(np.concatenate([image[0] for image in images])),
-        "targets": torch.from_numpy(np.concatenate([image[1] for image in images])),
-        "timesteps": torch.from_numpy(np.tile(batch.timestep.astype(np.int64), copies)),
+        "latents": torch.from_numpy(np.ascontiguousarray(np.concatenate([image[0] for image in images]))),
+        "targets": torch.from_numpy(np.ascontiguousarray(np.concatenate([image[1] for image in images]))),
+        "timesteps": labels.repeat(copies),
         "text": torch.from_numpy(np.concatenate([text] * copies)),
         "reference_error_chosen": torch.from_numpy(images[0][2][picked, column]),
         "dropped": torch.from_numpy(dropped),
@@ -113,9 +115,13 @@ def read_micro_batch(
     if spec.pairwise:
         result["reference_error_rejected"] = torch.from_numpy(images[1][2][picked, column])
     if pooled is not None:
-        assert all(image[3] is not None for image in images)
         result["pooled"] = torch.from_numpy(np.concatenate([pooled] * copies))
+    if store.layout.size_conditioning:
+        assert all(image[3] is not None for image in images)
         result["time_ids"] = torch.from_numpy(np.concatenate([image[3] for image in images]))
+    guidance = store.settings.get("guidance_embedding")
+    if guidance is not None:
+        result["guidance"] = torch.full((copies * len(rows),), float(guidance))
     return result
 
 
@@ -127,10 +133,10 @@ class MicroBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, store_path: str, schedule: BatchSchedule, start: int, count: int,
-                 objective: str = DEFAULT_OBJECTIVE, alphas_cumprod: torch.Tensor | None = None) -> None:
+                 objective: str = DEFAULT_OBJECTIVE, process: Process | None = None) -> None:
         self.store_path = store_path
         self.objective = objective
-        self.alphas_cumprod = alphas_cumprod
+        self.process = process
         self.schedule = schedule
         self.start = start
         self.count = count
@@ -143,7 +149,7 @@ class MicroBatches(torch.utils.data.Dataset):
         if self._store is None:
             self._store = CacheStore.open(self.store_path)
         rows, dropped, _epoch = self.schedule.micro_batch(self.start + item)
-        return read_micro_batch(self._store, rows, dropped, self.objective, self.alphas_cumprod)
+        return read_micro_batch(self._store, rows, dropped, self.objective, self.process)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

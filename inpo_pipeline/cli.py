@@ -52,7 +52,7 @@ def _user_errors(function: F) -> F:
 @app.command()
 @_user_errors
 def invert(
-    model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.5- or SDXL-type).")],
+    model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.x/2.x ε or v, SDXL, SD3/SD3.5, FLUX.1).")],
     data: Annotated[str, typer.Option(help="Pick-a-Pic parquet file/folder/glob, a JSONL/CSV manifest, or hf:DATASET_ID.")],
     out: Annotated[str, typer.Option(help="The Zarr store to create or resume.")],
     split: Annotated[str | None, typer.Option(help="Split: parquet files named SPLIT-*.parquet in a folder, or the hub split.")] = None,
@@ -61,12 +61,15 @@ def invert(
     recipe: Annotated[str, typer.Option(help="authors: the released algorithm (DESIGN §1.5); inpo: the project's exact-t variant. Sets the options below unless given.")] = DEFAULT_RECIPE,
     inversion_steps: Annotated[int | None, typer.Option(help="n: DDIM steps for a walk over all T timesteps [recipe: 10].")] = None,
     inversion_guidance: Annotated[float | None, typer.Option(help="w_inv: 0 unconditional, 1 conditional, else CFG [inpo 0, authors 1].")] = None,
-    timestep_mode: Annotated[str | None, typer.Option(help="authors: the released loop (departure labels, ends at the grid level above t); exact: walk exactly to t [inpo exact, authors authors].")] = None,
+    timestep_mode: Annotated[str | None, typer.Option(help="authors: the released loop (departure labels, ends at the grid level above t); exact: walk exactly to t [inpo exact, authors authors]. Flow models: exact (every recipe) or shifted-grid (the sampler's shifted grid up to σ).")] = None,
     eta: Annotated[float | None, typer.Option(help="η: adds η·σ·z after each step, σ the DDPM posterior std of the jump, z seeded [inpo 0, authors 0.1].")] = None,
     inversion_prompt_dropout: Annotated[float | None, typer.Option(help="Share of rows inverted, referenced and trained with the empty prompt [inpo 0, authors 0.2].")] = None,
     time_ids: Annotated[str | None, typer.Option(help="SDXL size conditioning: original (image size, crop) or constant (R, R, 0, 0, R, R) [inpo original, authors constant].")] = None,
     vae_latent: Annotated[str | None, typer.Option(help="x0: mean of the VAE posterior, or a seeded sample [inpo mean, authors sample].")] = None,
     flip: Annotated[float | None, typer.Option(help="Probability of a seeded horizontal flip per row and image [inpo 0, authors 0.5].")] = None,
+    sigma_sampling: Annotated[str, typer.Option(help="Flow models: how σ is drawn per row, before the scheduler's shift: logit-normal (SD3's training) or uniform.")] = "logit-normal",
+    logit_mean: Annotated[float, typer.Option(help="Flow models: mean of the logit-normal σ sampling.")] = 0.0,
+    logit_std: Annotated[float, typer.Option(help="Flow models: std of the logit-normal σ sampling.")] = 1.0,
     timesteps_per_pair: Annotated[int, typer.Option(help="K: rows (timestep draws) per pair.")] = 1,
     objectives: Annotated[str, typer.Option(help="all: also store x0 and the forward-noised reference errors, so `inpo train --objective diffusion-dpo|sft` reads this store too (DESIGN §1.7); inpo: InPO's arrays only (smaller).")] = "all",
     batch_size: Annotated[int, typer.Option(help="Images per UNet call.")] = 8,
@@ -87,7 +90,8 @@ def invert(
         model=model, data=data, out=out, split=split, resolution=resolution, max_pairs=max_pairs,
         recipe=recipe, inversion_steps=inversion_steps, inversion_guidance=inversion_guidance,
         timestep_mode=timestep_mode, eta=eta, inversion_prompt_dropout=inversion_prompt_dropout,
-        time_ids=time_ids, vae_latent=vae_latent, flip=flip, timesteps_per_pair=timesteps_per_pair,
+        time_ids=time_ids, vae_latent=vae_latent, flip=flip, sigma_sampling=sigma_sampling, logit_mean=logit_mean,
+        logit_std=logit_std, timesteps_per_pair=timesteps_per_pair,
         objectives=objectives, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
         vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
         shards_per_window=shards_per_window, device=device,
@@ -196,7 +200,7 @@ def cache_info(
 ) -> None:
     """A readable summary: rows, progress, provenance, size, dropped pairs."""
     from cache_schema import CacheStore
-    from inpo_pipeline.objectives import served_objectives
+    from inpo_pipeline.objectives import beta_convention, served_objectives
     from inpo_pipeline.recipes import describe_inversion, store_warnings
 
     summary = CacheStore.open(store).summary()
@@ -215,7 +219,7 @@ def cache_info(
         ("prompts", f"{summary['prompts'] - 1} distinct + the empty prompt"),
         ("model", f"{settings['model']} ({settings['family']})"
                   + (f", UNet {settings['unet']}" if settings.get("unet") else "")),
-        ("UNet fingerprint", settings["unet_fingerprint"]),
+        ("denoiser fingerprint", settings["unet_fingerprint"]),
         ("data", provenance.get("data_description", "")),
         ("filter", f"{provenance['filter']['source_rows_scanned']} rows scanned, "
                    f"{provenance['filter']['ties']} ties dropped, {provenance['filter']['kept_pairs']} pairs kept"),
@@ -225,13 +229,15 @@ def cache_info(
         ("objectives", ", ".join(served_objectives(settings))
                        + ("" if "diffusion-dpo" in served_objectives(settings)
                           else " (re-invert with --objectives all for diffusion-dpo and sft)")),
+        ("β convention", beta_convention(settings)),
         *(("warning", warning) for warning in store_warnings(settings)),
         ("resolution / dtype", f"{settings['resolution']} px, latents {tuple(summary['layout']['latent_shape'])} "
                                f"stored as {settings['storage_dtype']}"),
-        ("UNet work", f"{summary['unet_row_evaluations']:.0f} row evaluations, "
+        ("denoiser work", f"{summary['unet_row_evaluations']:.0f} row evaluations, "
                       f"padding/idle share {1 - summary['unet_row_evaluations'] / max(summary['padded_row_evaluations'], 1):.1%}"),
         ("bytes on disk", f"{human_bytes(summary['bytes_on_disk'])}: {human_bytes(summary['bytes_per_row'])}/row "
-                          f"vs {human_bytes(summary['raw_bytes_per_row'])}/row raw"),
+                          f"vs {human_bytes(summary['raw_bytes_per_row'])}/row raw; text embeddings "
+                          f"{human_bytes(summary['raw_bytes_per_prompt'])}/prompt raw, stored once per prompt"),
         ("created", f"{provenance.get('created_at')} by inpo {provenance.get('inpo_version')}"
                     + (f", completed {provenance['completed_at']}" if provenance.get("completed_at") else "")),
     ])
@@ -263,7 +269,7 @@ def cache_verify(
 def example(
     out: Annotated[Path, typer.Option(help="Folder for the example's model, data and store.")] = Path("example-output"),
     pairs: Annotated[int, typer.Option(help="Pairs in the generated data set.")] = 32,
-    family: Annotated[str, typer.Option(help="sd15 or sdxl tiny model.")] = "sd15",
+    family: Annotated[str, typer.Option(help="Tiny model: sd15, sdxl, sd3 or flux.")] = "sd15",
     steps: Annotated[int, typer.Option(help="Training steps on the example store.")] = 20,
 ) -> None:
     """Run the whole pipeline (invert, then train) on a built-in tiny model and generated data."""

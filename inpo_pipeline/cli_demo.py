@@ -16,7 +16,7 @@ from inpo_pipeline.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter
 
 SAMPLE_STEPS_HELP = "DDIM sampling steps (same for base and aligned)."
-GUIDANCE_HELP = "Classifier-free guidance scale (same for base and aligned)."
+GUIDANCE_HELP = "Classifier-free guidance scale, same for base and aligned (default: 3.0 in the SD1.5 world, 4.0 in the flow world)."
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     @_user_errors
     def demo(
         out: Annotated[str, typer.Option(help="Folder for data, stores, runs, grid.png, rewards.png, results.json.")] = "demo-output",
-        world: Annotated[str | None, typer.Option(help="World model folder (default: the committed worlds/shapes).")] = None,
+        world: Annotated[str | None, typer.Option(help="World: shapes (the committed SD1.5-type world, default), shapes-flow (the SD3-type flow world), or a world folder.")] = None,
         rebuild_world: Annotated[bool, typer.Option(help="Train the world model from scratch first.")] = False,
         pairs_per_prompt: Annotated[int, typer.Option(help="Preference pairs per training prompt (12 prompts).")] = 50,
         eval_seeds: Annotated[int, typer.Option(help="Seeds per held-out prompt (6 prompts) for the evaluation.")] = 40,
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         rewards: Annotated[str, typer.Option(help="Rewards that label the data, comma-separated: colour, size, height, position, "
                                                   "brightness, contrast (docs/proof.md).")] = "colour,brightness",
         labels: Annotated[str, typer.Option(help="Labellings, comma-separated: reward (true), shuffled, reversed.")] = "reward,shuffled,reversed",
-        beta: Annotated[float, typer.Option(help="β of the InPO loss.")] = 2000.0,
+        beta: Annotated[float | None, typer.Option(help="β of the InPO loss (default: the world family's, 2000 for the SD1.5 world; see docs/proof.md for flow).")] = None,
         lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
         batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step.")] = 16,
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         recipe: Annotated[str, typer.Option(help="Stage-one recipe: authors or inpo (see `inpo invert`).")] = DEFAULT_RECIPE,
         timesteps_per_pair: Annotated[int, typer.Option(help="Rows (timestep draws) per pair.")] = 2,
         sample_steps: Annotated[int, typer.Option(help=SAMPLE_STEPS_HELP)] = 20,
-        guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 3.0,
+        guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP)] = None,
         seed: Annotated[int, typer.Option(help="Seed of the data, the inversion and the training.")] = 0,
     ) -> None:
         """The whole story on a small world with a known reward: data, invert, train, sample, score."""
@@ -77,17 +77,17 @@ def register(app: typer.Typer) -> None:
     @_user_errors
     def world_data(
         out: Annotated[Path, typer.Option(help="Folder: LABELING.parquet per labeling, preference-samples.npz.")],
-        model: Annotated[str | None, typer.Option(help="World model folder (default: worlds/shapes).")] = None,
+        model: Annotated[str | None, typer.Option(help="World: shapes (default), shapes-flow, or a world folder.")] = None,
         pairs_per_prompt: Annotated[int, typer.Option(help="Pairs per training prompt (12 prompts).")] = 50,
         labeling: Annotated[list[str], typer.Option(help="reward, shuffled or reversed (repeatable).")] = ["reward"],  # noqa: B006
         sample_steps: Annotated[int, typer.Option(help=SAMPLE_STEPS_HELP)] = 20,
-        guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 3.0,
+        guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP)] = None,
         seed: Annotated[int, typer.Option(help="Seed of the sample seeds and of the shuffled labels.")] = 0,
     ) -> None:
         """The base model's own sample pairs, labelled by the world's reward, as Pick-a-Pic parquet."""
         from inpo_pipeline.errors import UserError
         from inpo_pipeline.world import LABELINGS, SamplerSettings
-        from stages.demo import ensure_world, sample_pool, write_dataset
+        from stages.demo import ensure_world, sample_pool, world_kind, write_dataset
 
         unknown = [name for name in labeling if name not in LABELINGS]
         if unknown:
@@ -95,7 +95,8 @@ def register(app: typer.Typer) -> None:
         reporter = Reporter()
         folder = ensure_world(model, False, reporter)
         out.mkdir(parents=True, exist_ok=True)
-        pool = sample_pool(folder, pairs_per_prompt, SamplerSettings(sample_steps, guidance), seed, reporter,
+        settings = SamplerSettings(sample_steps, guidance if guidance is not None else world_kind(folder).default_guidance)
+        pool = sample_pool(folder, pairs_per_prompt, settings, seed, reporter,
                            cache=out / "preference-samples.npz")
         for name in labeling:
             written = write_dataset(pool, out / f"{name}.parquet", name, seed)
@@ -105,10 +106,10 @@ def register(app: typer.Typer) -> None:
     @_user_errors
     def world_eval(
         run: Annotated[list[str], typer.Option(help="NAME=RUN_DIR or NAME=RUN_DIR@STEP (a checkpoint); repeatable.")],
-        model: Annotated[str | None, typer.Option(help="World model folder (default: worlds/shapes).")] = None,
+        model: Annotated[str | None, typer.Option(help="World: shapes (default), shapes-flow, or a world folder.")] = None,
         eval_seeds: Annotated[int, typer.Option(help="Seeds per held-out prompt (6 prompts).")] = 40,
         sample_steps: Annotated[int, typer.Option(help=SAMPLE_STEPS_HELP)] = 20,
-        guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 3.0,
+        guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP)] = None,
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers here.")] = None,
         grid: Annotated[Path | None, typer.Option(help="Write a base|aligned PNG grid of the first run here.")] = None,
         plot: Annotated[Path | None, typer.Option(help="Write the reward plot here.")] = None,
@@ -116,7 +117,9 @@ def register(app: typer.Typer) -> None:
         """Sample base and trained UNets on held-out prompts with the same seeds; reward, win rate, CIs."""
         from inpo_pipeline.errors import UserError
         from inpo_pipeline.world import SamplerSettings
-        from stages.demo import ensure_world, evaluate, print_comparisons, run_unet, write_grid, write_reward_plot
+        from stages.demo import (
+            ensure_world, evaluate, print_comparisons, run_unet, world_kind, write_grid, write_reward_plot,
+        )
 
         unets = {}
         for spec in run:
@@ -124,12 +127,13 @@ def register(app: typer.Typer) -> None:
             if not separator or not name:
                 raise UserError(f"--run must be NAME=RUN_DIR or NAME=RUN_DIR@STEP, not {spec!r}")
             path, _, step = where.partition("@")
-            if not (Path(path) / "unet" / "config.json").exists():
-                raise UserError(f"{path} is not a finished `inpo train` run (no unet/config.json)")
+            if not any((Path(path) / folder / "config.json").exists() for folder in ("unet", "transformer")):
+                raise UserError(f"{path} is not a finished `inpo train` run (no unet/ or transformer/config.json)")
             unets[name] = run_unet(path, int(step) if step else None)
         reporter = Reporter()
-        evaluation = evaluate(ensure_world(model, False, reporter), unets, eval_seeds,
-                              SamplerSettings(sample_steps, guidance), reporter)
+        folder = ensure_world(model, False, reporter)
+        settings = SamplerSettings(sample_steps, guidance if guidance is not None else world_kind(folder).default_guidance)
+        evaluation = evaluate(folder, unets, eval_seeds, settings, reporter)
         comparisons = evaluation.comparisons()
         print_comparisons(reporter, comparisons, f"{evaluation.base.size} held-out samples")
         if json_out:

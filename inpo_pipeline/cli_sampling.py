@@ -16,17 +16,17 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @_user_errors
     def sample(
-        model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.5- or SDXL-type).")],
+        model: Annotated[str, typer.Option(help="Diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1).")],
         prompts: Annotated[str, typer.Option(help="Prompt set: text file (one per line), Pick-a-Pic parquet "
                                                   "(file/folder/glob), Parti-Prompts TSV, or HPSv2 benchmark JSON.")],
         out: Annotated[str, typer.Option(help="Folder for the images and manifest.jsonl (resumed if present).")],
-        unet: Annotated[str | None, typer.Option(help="Another UNet: RUN_DIR/unet of `inpo train`, or a pipeline folder.")] = None,
+        unet: Annotated[str | None, typer.Option(help="Another UNet/transformer: RUN_DIR/unet (or RUN_DIR/transformer) of `inpo train`, or a pipeline folder.")] = None,
         lora: Annotated[str | None, typer.Option(help="LoRA weights: RUN_DIR/lora of `inpo train` (applied on top of --unet if both).")] = None,
         seeds: Annotated[int, typer.Option(help="Images per prompt, with seeds 0..N-1.")] = 1,
         steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
-        guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance (default: 7.5 for SD1.5, 5.0 for SDXL).")] = None,
+        guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance (default: 7.5 SD1.5, 5.0 SDXL, 7.0 SD3; FLUX: the guidance embedding, 3.5).")] = None,
         resolution: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's native size).")] = None,
-        scheduler: Annotated[str, typer.Option(help="ddim, euler, euler_a or dpm++ (DPMSolverMultistep).")] = "ddim",
+        scheduler: Annotated[str | None, typer.Option(help="ddim (default), euler, euler_a or dpm++ (DPMSolverMultistep); flow models: flow-euler (default).")] = None,
         batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 4,
         dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32).")] = None,
         device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,

@@ -4,7 +4,8 @@ The test-suite and the built-in example must run without the Hugging Face hub, s
 here is generated locally and deterministically from a seed:
 
 * a byte-level CLIP tokenizer that encodes any unicode text into fewer than 1000 ids;
-* SD 1.5 / SDXL pipeline folders with diffusers' own tiny test configurations, saved with
+* SD 1.5 (ε or v-prediction) / SDXL / SD3 / FLUX.1 pipeline folders with diffusers' own tiny test
+  configurations (one- or two-layer transformers, tiny CLIP and T5 encoders), saved with
   ``save_pretrained`` so that ``from_pretrained`` loads them like real checkpoints;
 * Pick-a-Pic v2 style parquet files and prompt/chosen/rejected manifests, laced with the edge
   cases the tool must survive: ties, undecodable images, odd sizes and modes, unicode, empty and
@@ -19,7 +20,7 @@ import json
 import random
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +39,9 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
+
+if TYPE_CHECKING:
+    from transformers import T5EncoderModel, T5TokenizerFast
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -174,8 +178,8 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _ddim_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler configuration of the real SD 1.5 / SDXL checkpoints."""
+def _ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The DDIM scheduler configuration of the real SD 1.5 / SDXL checkpoints (SD 2.x: v_prediction)."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -183,15 +187,15 @@ def _ddim_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
-def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
+def build_tiny_sd15(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Save a randomly initialised tiny SD 1.5 pipeline folder at ``path`` and return it.
 
     Each model is built right after ``torch.manual_seed(seed)``, so equal seeds give bit-identical
-    weight files.
+    weight files. ``prediction_type="v_prediction"`` makes it an SD 2.x-style v-model.
     """
     path = Path(path)
     tokenizer = build_tiny_tokenizer(path / "tokenizer")
@@ -206,7 +210,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_ddim_scheduler(),
+        scheduler=_ddim_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -251,6 +255,120 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         scheduler=_ddim_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+T5_MAX_LENGTH = 16
+"""T5 tokens per prompt in the tiny flow pipelines (the tokenizer's model_max_length)."""
+TINY_T5_DIM = 64
+"""Tiny T5's d_model = the transformers' joint_attention_dim (wider than the 2 × 32 CLIP states,
+which SD3's encode_prompt zero-pads to it)."""
+
+
+def caption_words() -> list[str]:
+    """The lower-case ASCII words of the example captions, in a fixed order (a T5 vocabulary)."""
+    words: list[str] = []
+    for caption in CAPTIONS:
+        for word in caption.lower().replace(",", " ").replace('"', " ").split():
+            if word.isascii() and word.isalnum() and word not in words:
+                words.append(word)
+    return words
+
+
+def build_tiny_t5_tokenizer(path: Path | str, words: Sequence[str], max_length: int) -> "T5TokenizerFast":
+    """Write and load a T5TokenizerFast: a Unigram model over `words`, letters as fallback,
+    anything else <unk>. Built from a `tokenizers` model (nothing downloaded), saved and
+    reloaded so the object is exactly what `from_pretrained` of the pipeline folder gives."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + word, -1.0) for word in words]
+    vocab += [(letter, -5.0) for letter in "abcdefghijklmnopqrstuvwxyz"]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(Path(path))
+    return T5TokenizerFast.from_pretrained(Path(path))
+
+
+def _tiny_t5(vocab_size: int, seed: int) -> "T5EncoderModel":
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=TINY_T5_DIM, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0, is_encoder_decoder=False)
+    return T5EncoderModel(config)
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    vae = _tiny_vae(scaling_factor)
+    vae.register_to_config(shift_factor=shift_factor)
+    return vae
+
+
+def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny SD3 pipeline: diffusers' test SD3Transformer2DModel (one
+    joint block, patch 2), CLIP-L/G-shaped tiny encoders with projections, a tiny T5, SD3's VAE
+    scaling/shift and its shifted flow scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    path = Path(path)
+    tokenizer = build_tiny_tokenizer(path / "tokenizer")
+    words = caption_words()
+    t5_tokenizer = build_tiny_t5_tokenizer(path / "tokenizer_3", words, T5_MAX_LENGTH)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=TINY_T5_DIM, caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN_SIZE, pos_embed_max_size=16,
+    )
+    torch.manual_seed(seed)
+    vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+    encoders = []
+    for offset in (0, 1):
+        torch.manual_seed(seed + offset)
+        encoders.append(CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN_SIZE)))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=_tiny_t5(len(t5_tokenizer), seed + 2), tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Save a randomly initialised tiny FLUX.1 pipeline: diffusers' test FluxTransformer2DModel (one
+    double and one single block) with the guidance embedding of FLUX.1-dev (or without it:
+    schnell), a tiny CLIP (pooled) and T5, FLUX's VAE scaling/shift and its resolution-dependent
+    (dynamic) shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    path = Path(path)
+    tokenizer = build_tiny_tokenizer(path / "tokenizer")
+    t5_tokenizer = build_tiny_t5_tokenizer(path / "tokenizer_2", caption_words(), T5_MAX_LENGTH)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TINY_T5_DIM, pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed)
+    vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config())
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(len(t5_tokenizer), seed + 2), tokenizer_2=t5_tokenizer,
     )
     pipe.save_pretrained(path)
     return path

@@ -20,7 +20,7 @@ import torch
 from cache_schema import RowPlan, ShardResult, round_to_storage
 from inpo_pipeline import ddim
 from inpo_pipeline.data import PairRecord, PreparedImage, prepare_image
-from inpo_pipeline.models import SDXL, ReferenceModel, constant_time_ids, sdxl_time_ids, unet_noise
+from inpo_pipeline.models import ReferenceModel, constant_time_ids, sdxl_time_ids
 from inpo_pipeline.objectives import stores_forward_inputs
 from inpo_pipeline.plan import forward_noise, latent_sample_seed, noise_seed
 
@@ -46,6 +46,7 @@ class InversionConfig:
     time_ids: str = "original"
     vae_latent: str = "mean"
     forward: bool = False  # also the baselines' x0 and forward-noised e_ref (DESIGN §1.7)
+    process: dict[str, Any] = field(default_factory=dict)  # the store's recorded process (flow: σ sampling)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], batch_size: int | None = None) -> InversionConfig:
@@ -56,12 +57,7 @@ class InversionConfig:
             guidance=settings["inversion_guidance"], eta=settings["eta"], seed=settings["seed"],
             batch_size=batch_size or settings["batch_size"],
             time_ids=settings.get("time_ids", "original"), vae_latent=settings.get("vae_latent", "mean"),
-            forward=stores_forward_inputs(settings),
-        )
-
-    def steps(self, t: int, reference: ReferenceModel) -> list[ddim.InversionStep]:
-        return ddim.inversion_steps(
-            int(t), self.mode, self.num_steps, reference.alphas_cumprod, reference.scheduler_config
+            forward=stores_forward_inputs(settings), process=dict(settings.get("process", {})),
         )
 
     @property
@@ -95,19 +91,28 @@ class _Job:
 
     row: int
     image: int  # 0 = chosen, 1 = rejected
-    steps: list[ddim.InversionStep]
+    steps: list[Any]  # ddim.InversionStep or flow.FlowStep: the process's walk
     latent: torch.Tensor = field(repr=False)
 
 
-def _timed_unet(reference: ReferenceModel, counter: WorkCounter, capacity: int, *args: torch.Tensor | None) -> torch.Tensor:
+Conditioning = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""(text embedding, pooled embedding or None, SDXL time ids or None) of a batch of images."""
+
+
+def _joined(parts: list[Conditioning]) -> Conditioning:
+    """Several conditionings stacked along the batch (None stays None)."""
+    return tuple(None if values[0] is None else torch.cat(values) for values in zip(*parts))  # type: ignore[return-value]
+
+
+def _timed_unet(reference: ReferenceModel, counter: WorkCounter, capacity: int, latents: torch.Tensor,
+                labels: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
     start = time.perf_counter()
-    with reference.autocast():
-        noise = unet_noise(reference.unet, *args).float()  # type: ignore[arg-type]
+    noise = reference.denoise(latents, labels, *conditioning)
     if noise.is_cuda:
         torch.cuda.synchronize(noise.device)
     counter.seconds_in_unet += time.perf_counter() - start
     counter.unet_calls += 1
-    counter.row_evaluations += args[0].shape[0]  # type: ignore[union-attr]
+    counter.row_evaluations += latents.shape[0]
     counter.slot_evaluations += capacity
     return noise
 
@@ -124,8 +129,9 @@ def invert_shard(
     started = time.perf_counter()
     counter = WorkCounter()
     num_rows = len(plan.source_row)
-    c, h, w = latent_shape(reference, config.resolution)
-    sdxl = reference.family == SDXL
+    c, h, w = reference.latent_shape(config.resolution)
+    process = reference.process(config.resolution, config.process)
+    sized = reference.spec.size_conditioning
 
     prepared = _prepare_pairs(plan, records, config.resolution)
     valid = np.array([prepared[int(s)] is not None for s in plan.source_row], dtype=bool)
@@ -147,19 +153,21 @@ def invert_shard(
     empty_pooled = torch.from_numpy(pooled[:1]) if pooled is not None else None
     row_pooled = torch.from_numpy(pooled[1:]) if pooled is not None else None
 
-    def conditioning(rows: list[int], images: list[int], use_caption: bool) -> tuple[torch.Tensor, ...]:
+    def conditioning(rows: list[int], images: list[int], use_caption: bool) -> Conditioning:
         index = torch.tensor(rows)
         embedding = row_text[index] if use_caption else empty_text.expand(len(rows), -1, -1)
-        if not sdxl:
-            return (embedding,)
-        assert row_pooled is not None and empty_pooled is not None
-        pooled_rows = row_pooled[index] if use_caption else empty_pooled.expand(len(rows), -1)
-        ids = torch.from_numpy(time_ids[rows, images])
+        pooled_rows = None
+        if row_pooled is not None and empty_pooled is not None:
+            pooled_rows = row_pooled[index] if use_caption else empty_pooled.expand(len(rows), -1)
+        ids = torch.from_numpy(time_ids[rows, images]) if sized else None
         return embedding, pooled_rows, ids
 
-    alphas = reference.alphas_cumprod
+    sigma = plan.sigma
     jobs = [
-        _Job(int(row), image, config.steps(int(plan.timestep[row]), reference), clean[(int(row), image)])
+        _Job(int(row), image,
+             process.walk(int(plan.timestep[row]), None if sigma is None else float(sigma[row]), config.mode,
+                          config.num_steps),
+             clean[(int(row), image)])
         for row in np.flatnonzero(valid)
         for image in (0, 1)
     ]
@@ -167,30 +175,29 @@ def invert_shard(
     steps_taken = np.zeros(num_rows, dtype=np.int16)
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start : start + config.batch_size]
-        _invert_batch(reference, batch, conditioning, config, plan, counter)
+        _invert_batch(reference, process, batch, conditioning, config, plan, counter)
     stored_latent = torch.zeros((num_rows, 2, c, h, w))
     stored_target = torch.zeros((num_rows, 2, c, h, w))
     for job in jobs:
         steps_taken[job.row] = len(job.steps)
-        t = torch.tensor([int(plan.timestep[job.row])])
         x0 = clean[(job.row, job.image)].unsqueeze(0).cpu()
         # τ from the x_t as stored, so that the stored pair satisfies x_t = √ā·x0 + √(1−ā)·τ
         # up to τ's own rounding (1/√(1−ā) would amplify x_t's rounding ~34× at t = 0)
         latent = torch.from_numpy(round_to_storage(job.latent.cpu().numpy(), config.storage_dtype))
         # in float64: at small t, x_t − √ā·x0 cancels most digits and float32 would leave ~1e-5
-        target = ddim.single_step_target(latent.unsqueeze(0).double(), x0.double(), ddim.alpha_bar_at(alphas, t))[0]
-        target = target.float()
+        level = None if sigma is None else sigma[job.row : job.row + 1]
+        target = process.target(latent.unsqueeze(0), x0, plan.timestep[job.row : job.row + 1], level)[0].float()
         stored_latent[job.row, job.image] = latent
         stored_target[job.row, job.image] = torch.from_numpy(round_to_storage(target.numpy(), config.storage_dtype))
 
     # e_ref is computed from exactly what will be read back (DESIGN §2, cache properties)
     errors = _reference_errors(
-        reference, stored_latent, stored_target, valid, plan, conditioning, config.batch_size, counter
+        reference, process, stored_latent, stored_target, valid, plan, conditioning, config.batch_size, counter
     )
 
     forward: dict[str, np.ndarray] = {}
     if config.forward:
-        forward = _forward_inputs(reference, clean, valid, plan, conditioning, config, (c, h, w), counter)
+        forward = _forward_inputs(reference, process, clean, valid, plan, conditioning, config, (c, h, w), counter)
 
     counter.seconds_total = time.perf_counter() - started
     result = ShardResult(
@@ -203,8 +210,8 @@ def invert_shard(
         reference_error_rejected=errors[:, 1],
         valid=valid.astype(np.uint8),
         inversion_steps=steps_taken,
-        time_ids_chosen=time_ids[:, 0] if sdxl else None,
-        time_ids_rejected=time_ids[:, 1] if sdxl else None,
+        time_ids_chosen=time_ids[:, 0] if sized else None,
+        time_ids_rejected=time_ids[:, 1] if sized else None,
         stats=np.array([counter.row_evaluations, counter.slot_evaluations, counter.seconds_total]),
     )
     return result, counter
@@ -212,15 +219,17 @@ def invert_shard(
 
 def _forward_inputs(
     reference: ReferenceModel,
+    process: Any,
     clean: Mapping[tuple[int, int], torch.Tensor],
     valid: np.ndarray,
     plan: RowPlan,
-    conditioning: Callable[[list[int], list[int], bool], tuple[torch.Tensor, ...]],
+    conditioning: Callable[[list[int], list[int], bool], Conditioning],
     config: InversionConfig,
     shape: tuple[int, int, int],
     counter: WorkCounter,
 ) -> dict[str, np.ndarray]:
-    """The baselines' cached quantities: stored x0 and e_ref^fwd = mean‖ε_ref(x_fwd, t, c) − ε‖² (DESIGN §1.7).
+    """The baselines' cached quantities: stored x0 and e_ref^fwd = mean‖ε_ref(x_fwd, t, c) − ε‖² (DESIGN §1.7;
+    for v-models the v of (x0, ε), for flow models x_σ = (1−σ)·x0 + σ·ε and the velocity ε − x0, §1.8).
 
     ε is one seeded draw per row, the same for winner and loser, as Diffusion-DPO draws it; it
     is regenerated by the trainer, not stored. e_ref^fwd is computed from the x0 as stored.
@@ -230,9 +239,10 @@ def _forward_inputs(
     for (row, image), latent in clean.items():
         stored_clean[row, image] = torch.from_numpy(round_to_storage(latent.cpu().numpy(), config.storage_dtype))
     noise = torch.from_numpy(forward_noise(config.seed, plan.source_row, plan.draw, shape))
-    latents = ddim.forward_latents(stored_clean, noise, plan.timestep, reference.alphas_cumprod)
-    targets = noise.unsqueeze(1).expand(-1, 2, *shape)
-    errors = _reference_errors(reference, latents, targets, valid, plan, conditioning, config.batch_size, counter)
+    latents = process.forward_latents(stored_clean, noise, plan.timestep, plan.sigma)
+    targets = process.forward_target(stored_clean, noise, plan.timestep, plan.sigma)
+    errors = _reference_errors(reference, process, latents, targets, valid, plan, conditioning, config.batch_size,
+                               counter)
     return {
         "clean_chosen": stored_clean[:, 0].numpy(),
         "clean_rejected": stored_clean[:, 1].numpy(),
@@ -242,8 +252,7 @@ def _forward_inputs(
 
 
 def latent_shape(reference: ReferenceModel, resolution: int) -> tuple[int, int, int]:
-    side = resolution // reference.vae_scale_factor
-    return int(reference.unet.config.in_channels), side, side
+    return reference.latent_shape(resolution)
 
 
 def _prepare_pairs(
@@ -302,16 +311,18 @@ def _encode_rows(
 
 def _invert_batch(
     reference: ReferenceModel,
+    process: Any,
     batch: list[_Job],
-    conditioning: Callable[[list[int], list[int], bool], tuple[torch.Tensor, ...]],
+    conditioning: Callable[[list[int], list[int], bool], Conditioning],
     config: InversionConfig,
     plan: RowPlan,
     counter: WorkCounter,
 ) -> None:
     """Walk a batch of images up their steps; finished images leave the UNet call.
 
-    Step i: ε at each image's label, DDIM from ā_from to ā_to (DESIGN §1.2), then with η > 0
-    the authors' x ← x + η·σ·z (DESIGN §1.5), z seeded per (seed, row, draw, image, step).
+    Step i: the model at each image's label, then the process's step: DDIM from ā_from to ā_to
+    (DESIGN §1.2) or Euler from σ to σ' (§1.8); with η > 0 the authors' x ← x + η·σ·z (§1.5),
+    z seeded per (seed, row, draw, image, step).
     """
     capacity = config.batch_size * config.passes_per_step
     longest = max(len(job.steps) for job in batch)
@@ -319,20 +330,19 @@ def _invert_batch(
         active = [job for job in batch if len(job.steps) > step]
         rows, images = [job.row for job in active], [job.image for job in active]
         latents = torch.stack([job.latent for job in active])
-        labels = torch.tensor([job.steps[step].label for job in active])
-        alpha_from = torch.tensor([job.steps[step].alpha_bar_from for job in active], dtype=torch.float64)
-        alpha_to = torch.tensor([job.steps[step].alpha_bar_to for job in active], dtype=torch.float64)
+        steps = [job.steps[step] for job in active]
+        labels = torch.tensor([walk_step.label for walk_step in steps])
         if config.guidance in (0.0, 1.0):
             guided = _timed_unet(reference, counter, capacity, latents, labels,
-                                 *conditioning(rows, images, config.guidance == 1.0))
+                                 conditioning(rows, images, config.guidance == 1.0))
         else:
             uncond, cond = conditioning(rows, images, False), conditioning(rows, images, True)
             both = _timed_unet(reference, counter, capacity, torch.cat([latents, latents]),
-                               torch.cat([labels, labels]), *(torch.cat(pair) for pair in zip(uncond, cond)))
+                               torch.cat([labels, labels]), _joined([uncond, cond]))
             noise_uncond, noise_cond = both.chunk(2)
             guided = ddim.guided_noise(noise_uncond, noise_cond, config.guidance)
-        moved = ddim.inversion_step(latents, guided.to(latents.device), alpha_from, alpha_to).float()
-        noise_std = ddim.jump_noise_std(alpha_from, alpha_to).tolist() if config.eta > 0 else None
+        moved = process.advance(latents, guided.to(latents.device), steps).float()
+        noise_std = process.jump_noise_std(steps) if config.eta > 0 else None
         for index, job in enumerate(active):
             job.latent = moved[index]
             if noise_std is not None:
@@ -343,15 +353,17 @@ def _invert_batch(
 
 def _reference_errors(
     reference: ReferenceModel,
+    process: Any,
     stored_latent: torch.Tensor,
     stored_target: torch.Tensor,
     valid: np.ndarray,
     plan: RowPlan,
-    conditioning: Callable[[list[int], list[int], bool], tuple[torch.Tensor, ...]],
+    conditioning: Callable[[list[int], list[int], bool], Conditioning],
     batch_size: int,
     counter: WorkCounter,
 ) -> np.ndarray:
-    """e_ref = mean‖ε_ref(x_t, t, c) − τ‖² (DESIGN §1.4) for the caption and the empty prompt.
+    """e_ref = mean‖ε_ref(x_t, t, c) − τ‖² (DESIGN §1.4; the output and τ in the model's output space)
+    for the caption and the empty prompt.
 
     Returns (rows, 2 images, 2 prompts) float32, prompts ordered [caption, empty].
     """
@@ -359,7 +371,7 @@ def _reference_errors(
     jobs = [(int(row), image, prompt) for row in np.flatnonzero(valid) for image in (0, 1) for prompt in (0, 1)]
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
-        parts: list[tuple[torch.Tensor, ...]] = []
+        parts: list[Conditioning] = []
         for prompt in (0, 1):
             members = [job for job in batch if job[2] == prompt]
             if members:
@@ -368,9 +380,9 @@ def _reference_errors(
         rows = torch.tensor([job[0] for job in ordered])
         images = torch.tensor([job[1] for job in ordered])
         latents = stored_latent[rows, images]
-        timesteps = torch.from_numpy(plan.timestep[rows.numpy()].astype(np.int64))
-        extra = tuple(torch.cat(tensors) for tensors in zip(*parts))
-        noise = _timed_unet(reference, counter, batch_size, latents, timesteps, *extra).cpu()
+        picked = rows.numpy()
+        labels = process.labels(plan.timestep[picked], None if plan.sigma is None else plan.sigma[picked])
+        noise = _timed_unet(reference, counter, batch_size, latents, labels, _joined(parts)).cpu()
         mse = ddim.per_sample_mse(noise, stored_target[rows, images])
         for (row, image, prompt), value in zip(ordered, mse.tolist()):
             errors[row, image, prompt] = value

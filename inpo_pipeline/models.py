@@ -1,68 +1,49 @@
-"""Loading a diffusers pipeline's parts, identifying the reference weights, and calling them.
+"""Loading a pipeline's parts for stage one, identifying the reference weights, and calling them.
 
-SD1.5-type pipelines have one CLIP text encoder; SDXL-type ones have two, a pooled embedding
-and size/crop "time ids". The family is read from the pipeline's ``model_index.json``.
-Everything is loaded part by part through ``from_pretrained``, the same path for a hub id and
-a local folder.
+The family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) is read from the pipeline's ``model_index.json``
+and decides how parts load and how the denoiser is called (``inpo_pipeline.families``); the
+noise process decides what its output means (``inpo_pipeline.processes``). Everything is loaded
+part by part through ``from_pretrained``, the same path for a hub id and a local folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from inpo_pipeline.families import FAMILIES, Family, ModelError, TextEncoders, fingerprint_module, load_json
+from inpo_pipeline.families import detect_family as detect_family_spec
+from inpo_pipeline.families.base import load_part
+from inpo_pipeline.families.stable_diffusion import TIME_ID_MODES, constant_time_ids, sdxl_time_ids
+from inpo_pipeline.processes import PREDICTIONS, Process, process_for
 
 SD15 = "sd15"
 SDXL = "sdxl"
-FAMILIES = (SD15, SDXL)
+SD3 = "sd3"
+FLUX = "flux"
+_load_json = load_json
 
-
-class ModelError(Exception):
-    """A model that cannot be used; the message is one line for the user."""
-
-
-def _load_json(model: str, filename: str, subfolder: str | None = None) -> dict[str, Any]:
-    """A config file of a local folder or a hub repository."""
-    local = Path(model) / (subfolder or "") / filename
-    if Path(model).is_dir():
-        if not local.exists():
-            return {}
-        return json.loads(local.read_text())
-    try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(model, filename, subfolder=subfolder)
-    except Exception as error:
-        raise ModelError(
-            f"cannot find model {model!r}: not a local folder, and the hub lookup failed ({type(error).__name__})"
-        ) from error
-    return json.loads(Path(path).read_text())
+__all__ = ["FAMILIES", "ModelError", "TextEncoders", "TIME_ID_MODES", "constant_time_ids", "sdxl_time_ids",
+           "fingerprint_module"]
 
 
 def detect_family(model: str) -> str:
-    """'sd15' or 'sdxl' from the pipeline's model_index.json."""
-    index = _load_json(model, "model_index.json")
-    if not index:
-        raise ModelError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if part not in index:
-            raise ModelError(f"{model} has no {part!r} in model_index.json; expected an SD1.5 or SDXL pipeline")
-    return SDXL if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] else SD15
+    """The family's name ('sd15', 'sdxl', 'sd3', 'flux') from the pipeline's model_index.json."""
+    return detect_family_spec(model).name
 
 
-def load_scheduler_config(model: str) -> dict[str, Any]:
+def load_scheduler_config(model: str, family: Family | None = None) -> dict[str, Any]:
+    """The pipeline's scheduler config; a UNet's prediction type must be ε or v."""
     config = _load_json(model, "scheduler_config.json", "scheduler")
     if not config:
         raise ModelError(f"{model} has no scheduler/scheduler_config.json")
     prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
+    if (family is None or family.process_kind == "diffusion") and prediction not in PREDICTIONS:
         raise ModelError(
-            f"{model} predicts {prediction!r}; inpo supports only epsilon-prediction models for now"
+            f"{model} predicts {prediction!r}; inpo supports {' and '.join(PREDICTIONS)} UNets and flow-matching "
+            "transformers (SD3, FLUX)"
         )
     return config
 
@@ -76,122 +57,15 @@ def alphas_cumprod_from_config(config: dict[str, Any]) -> torch.Tensor:
     return scheduler.alphas_cumprod.to(torch.float64)
 
 
-def _part_location(path: str, subfolder: str) -> tuple[str, str | None]:
-    """Accept either a bare component folder or a pipeline folder holding `subfolder`."""
-    candidate = Path(path)
-    if candidate.is_dir() and (candidate / "config.json").exists():
-        return path, None
-    if candidate.is_dir() and (candidate / subfolder / "config.json").exists():
-        return path, subfolder
-    if candidate.exists():
-        raise ModelError(f"{path} holds no {subfolder} (no config.json there or in {subfolder}/)")
-    return path, subfolder
-
-
-def _load_part(model_class: Any, label: str, subfolder: str, model: str, override: str | None) -> torch.nn.Module:
-    """One frozen float32 part: from `override` (a part or pipeline folder) or MODEL/subfolder."""
-    location, folder = _part_location(override, subfolder) if override else (model, subfolder)
-    try:
-        part = model_class.from_pretrained(location, subfolder=folder, torch_dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a {label} from {location}: {str(error).splitlines()[0]}") from error
-    return part.eval().requires_grad_(False)
-
-
 def load_unet(model: str, unet_path: str | None = None) -> torch.nn.Module:
-    """The reference (or starting) UNet in float32, in eval mode, gradients off."""
-    from diffusers import UNet2DConditionModel
-
-    return _load_part(UNet2DConditionModel, "UNet", "unet", model, unet_path)
+    """The reference (or starting) denoiser, UNet or transformer, in float32, eval mode, gradients off."""
+    return detect_family_spec(model).load_denoiser(model, unet_path)
 
 
 def load_vae(model: str, vae_path: str | None = None) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    return _load_part(AutoencoderKL, "VAE", "vae", model, vae_path)
-
-
-def fingerprint_module(module: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (name, shape, float32 bytes), in name order.
-
-    Identifies the weights themselves, not the file they came from: the same UNet saved as
-    safetensors or as a .bin gives the same fingerprint; one changed weight gives another.
-    """
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class TextEncoders:
-    """The tokenizer(s) and text encoder(s) of one pipeline."""
-
-    family: str
-    tokenizers: list[Any]
-    encoders: list[torch.nn.Module]
-
-    @property
-    def embedding_shape(self) -> tuple[int, int]:
-        length = self.tokenizers[0].model_max_length
-        width = sum(encoder.config.hidden_size for encoder in self.encoders)
-        return length, width
-
-    @property
-    def pooled_dim(self) -> int | None:
-        if self.family != SDXL:
-            return None
-        return int(self.encoders[-1].config.projection_dim)
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token embeddings (B, L, D) and, for SDXL, pooled embeddings (B, D2); float32.
-
-        SD1.5: the encoder's last hidden state. SDXL: the penultimate hidden states of both
-        encoders concatenated, and the second encoder's projected pooled output, as the SDXL
-        pipeline conditions its UNet.
-        """
-        hidden: list[torch.Tensor] = []
-        pooled = None
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            tokens = tokenizer(
-                texts, padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(device)
-            if self.family == SD15:
-                hidden.append(encoder(tokens)[0].float())
-            else:
-                output = encoder(tokens, output_hidden_states=True)
-                hidden.append(output.hidden_states[-2].float())
-                if hasattr(output, "text_embeds"):
-                    pooled = output.text_embeds.float()
-        return torch.cat(hidden, dim=-1), pooled
-
-
-def load_text_encoders(model: str, family: str) -> TextEncoders:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    try:
-        tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
-        encoders: list[torch.nn.Module] = [
-            CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=torch.float32)
-        ]
-        if family == SDXL:
-            tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
-            encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(
-                    model, subfolder="text_encoder_2", torch_dtype=torch.float32
-                )
-            )
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load the text encoder(s) of {model}: {str(error).splitlines()[0]}") from error
-    for encoder in encoders:
-        encoder.eval().requires_grad_(False)
-    return TextEncoders(family, tokenizers, encoders)
+    return load_part(AutoencoderKL, "VAE", "vae", model, vae_path)
 
 
 @dataclass
@@ -200,16 +74,38 @@ class ReferenceModel:
 
     model: str
     family: str
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser: a UNet, or the transformer of a flow family
     vae: torch.nn.Module | None
     text: TextEncoders | None
     scheduler_config: dict[str, Any]
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor | None  # None for flow families
     unet_fingerprint: str
     unet_path: str | None = None
     vae_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     compute_dtype: torch.dtype = torch.float32
+
+    @property
+    def spec(self) -> Family:
+        """The family's behaviour (loading, encoding, calling the denoiser)."""
+        return FAMILIES[self.family]
+
+    def process(self, resolution: int, options: dict[str, Any] | None = None) -> Process:
+        """The noise process at `resolution` (flow: with the σ sampling of `options`)."""
+        return process_for(self.spec, self.scheduler_config, self.alphas_cumprod,
+                           self.latent_shape(resolution), options)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.vae_scale_factor
+        return self.spec.latent_channels(self.unet), side, side
+
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference denoiser's output in float32 under the compute precision."""
+        guidance = self.extra.get("guidance_embedding")
+        guidance_tensor = None if guidance is None else torch.tensor([float(guidance)])
+        with self.autocast():
+            return self.spec.denoise(self.unet, latents, labels, text, pooled, time_ids, guidance_tensor).float()
 
     def autocast(self) -> Any:
         """The precision context of every UNet call (see :meth:`to`)."""
@@ -227,11 +123,12 @@ class ReferenceModel:
 
     @property
     def unet_downsampling(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.spec.denoiser_downsampling(self.unet)
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        assert self.vae is not None
+        return self.spec.native_resolution(self.unet, self.vae)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -246,7 +143,7 @@ class ReferenceModel:
         if resolution < multiple or resolution % multiple:
             raise ModelError(
                 f"--resolution {resolution} is not a multiple of {multiple} "
-                f"(VAE factor {self.vae_scale_factor} × UNet downsampling {self.unet_downsampling})"
+                f"(VAE factor {self.vae_scale_factor} × {self.spec.denoiser_label} downsampling {self.unet_downsampling})"
             )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ReferenceModel:
@@ -297,31 +194,25 @@ def load_reference(
     with_text: bool = True,
 ) -> ReferenceModel:
     """Load the frozen reference pipeline parts named by MODEL (and optional overrides)."""
-    family = detect_family(model)
-    scheduler_config = load_scheduler_config(model)
-    unet = load_unet(model, unet_path)
-    if family == SDXL and getattr(unet.config, "addition_embed_type", None) != "text_time":
-        raise ModelError(f"the UNet for {model} is not SDXL-shaped (no text_time embedding) but the pipeline is")
+    family = detect_family_spec(model)
+    scheduler_config = load_scheduler_config(model, family)
+    unet = family.load_denoiser(model, unet_path)
     vae = load_vae(model, vae_path) if with_vae else None
-    text = load_text_encoders(model, family) if with_text else None
-    if text is not None:
-        width = text.embedding_shape[1]
-        if width != unet.config.cross_attention_dim:
-            raise ModelError(
-                f"the text encoders give {width}-wide embeddings but the UNet expects "
-                f"{unet.config.cross_attention_dim}: the UNet does not belong to this pipeline"
-            )
+    text = family.load_text(model) if with_text else None
+    family.check_denoiser(unet, text, model)
+    guidance = family.guidance_embedding(unet)
     return ReferenceModel(
         model=model,
-        family=family,
+        family=family.name,
         unet=unet,
         vae=vae,
         text=text,
         scheduler_config=dict(scheduler_config),
-        alphas_cumprod=alphas_cumprod_from_config(scheduler_config),
+        alphas_cumprod=alphas_cumprod_from_config(scheduler_config) if family.process_kind == "diffusion" else None,
         unet_fingerprint=fingerprint_module(unet),
         unet_path=unet_path,
         vae_path=vae_path,
+        extra={} if guidance is None else {"guidance_embedding": guidance},
     )
 
 
@@ -333,29 +224,5 @@ def unet_noise(
     pooled_embedding: torch.Tensor | None = None,
     time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ε(x, t, c) with per-row timesteps, in the UNet's dtype; SDXL extras when given."""
-    dtype = next(unet.parameters()).dtype
-    device = next(unet.parameters()).device
-    added = None
-    if pooled_embedding is not None:
-        assert time_ids is not None
-        added = {"text_embeds": pooled_embedding.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
-    return unet(
-        latents.to(device, dtype),
-        timesteps.to(device),
-        encoder_hidden_states=text_embedding.to(device, dtype),
-        added_cond_kwargs=added,
-    ).sample
-
-
-def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> np.ndarray:
-    """SDXL's size conditioning: (orig h, orig w, crop top, crop left, target h, target w)."""
-    return np.array([*original_size, *crop_top_left, resolution, resolution], dtype=np.float32)
-
-
-TIME_ID_MODES = ("original", "constant")
-
-
-def constant_time_ids(resolution: int) -> np.ndarray:
-    """The authors' SDXL conditioning (R, R, 0, 0, R, R) whatever the image's size (DESIGN §1.5)."""
-    return sdxl_time_ids((resolution, resolution), (0, 0), resolution)
+    """ε(x, t, c) of a Stable Diffusion UNet with per-row timesteps; SDXL extras when given."""
+    return FAMILIES[SD15].denoise(unet, latents, timesteps, text_embedding, pooled_embedding, time_ids)

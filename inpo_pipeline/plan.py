@@ -7,7 +7,7 @@ was written by one process, eight, or a run that was killed and resumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +90,10 @@ def sample_prompt_drops(seed: int, source_row: np.ndarray, draw: np.ndarray, pro
     return _uniform(row_keys(seed, source_row, draw, salt=30)) < probability
 
 
+LevelSampler = Callable[[int, np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray | None]"]
+"""(seed, source rows, draws) -> (integer timestep per row, σ per row or None)."""
+
+
 @dataclass
 class FilterCounts:
     """How the source rows were filtered."""
@@ -112,6 +116,7 @@ class Plan:
     caption_index: np.ndarray  # the pair's own caption, whatever prompt_index says
     flip: np.ndarray  # (rows, 2) uint8
     counts: FilterCounts = field(default_factory=FilterCounts)
+    sigma: np.ndarray | None = None  # flow models: σ per row (DESIGN §1.8); timestep is then round(1000·σ)
 
     @property
     def num_rows(self) -> int:
@@ -128,6 +133,7 @@ def build_plan(
     max_pairs: int | None = None,
     prompt_dropout: float = 0.0,
     flip: float = 0.0,
+    levels: LevelSampler | None = None,
 ) -> Plan:
     """Drop ties, index prompts, draw t, flips and prompt drops, and permute rows with the seed.
 
@@ -140,6 +146,8 @@ def build_plan(
     last window stays last). Any shard is then a random sample of a window of consecutive
     source pairs, any window a random place in the data, and a writer still reads the source
     sequentially, one window at a time.
+
+    `levels` (a process's ``sample_levels``) draws each row's noise level; by default t ~ U{0..T−1}.
     """
     counts = FilterCounts()
     prompts: dict[str, int] = {"": 0}
@@ -166,13 +174,17 @@ def build_plan(
 
     order = window_permutation(len(source_row), rows_per_window, seed)
     source_row, prompt_index, draw = source_row[order], prompt_index[order], draw[order]
-    timestep = sample_timesteps(seed, source_row, draw, num_train_timesteps)
+    sigma = None
+    if levels is None:
+        timestep = sample_timesteps(seed, source_row, draw, num_train_timesteps)
+    else:
+        timestep, sigma = levels(seed, source_row, draw)
     caption_index = prompt_index
     if prompt_dropout > 0:
         prompt_index = np.where(sample_prompt_drops(seed, source_row, draw, prompt_dropout), 0, caption_index)
     flips = sample_flips(seed, source_row, draw, flip)
     return Plan(source_row, draw, prompt_index.astype(np.int32), timestep, list(prompts),
-                caption_index.astype(np.int32), flips, counts)
+                caption_index.astype(np.int32), flips, counts, sigma)
 
 
 def window_permutation(num_rows: int, rows_per_window: int, seed: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The policy UNet of stage two: loaded from the store's reference, trained, saved, exported."""
+"""The policy of stage two (a UNet or a flow transformer): loaded from the store's reference,
+trained, saved, exported. Everything family-specific comes from `inpo_pipeline.families`."""
 
 from __future__ import annotations
 
@@ -11,28 +12,30 @@ import torch
 from inpo_pipeline import ddim
 from inpo_pipeline.batches import read_micro_batch
 from inpo_pipeline.errors import UserError
+from inpo_pipeline.families import family_named, family_of_denoiser
 from inpo_pipeline.loss import scale_gradient, winner_preserving_scale
-from inpo_pipeline.models import SDXL, alphas_cumprod_from_config, fingerprint_module, load_unet, unet_noise
-from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
+from inpo_pipeline.models import fingerprint_module, load_unet
+from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from inpo_pipeline.processes import process_from_settings
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-UNET_FOLDER = "unet"
 LORA_FOLDER = "lora"
 PIPELINE_FOLDER = "pipeline"
 
 
 def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
-    """The reference UNet named by the store, checked against its fingerprint, made trainable.
+    """The reference denoiser named by the store, checked against its fingerprint, made trainable.
 
-    With `lora_rank` > 0 only LoRA adapters on the attention projections train; their B matrices
-    start at zero, so the policy starts exactly equal to the reference either way.
+    With `lora_rank` > 0 only LoRA adapters on the attention projections (the family's
+    `lora_targets`) train; their B matrices start at zero, so the policy starts exactly equal to
+    the reference either way.
     """
-    unet = load_unet(settings["model"], settings.get("unet"))
+    family = family_named(settings["family"])
+    unet = family.load_denoiser(settings["model"], settings.get("unet"))
     fingerprint = fingerprint_module(unet)
     if fingerprint != settings["unet_fingerprint"]:
         where = settings.get("unet") or settings["model"]
         raise UserError(
-            f"the UNet at {where} has other weights than the store's reference "
+            f"the {family.denoiser_label} at {where} has other weights than the store's reference "
             f"(fingerprint {fingerprint[:12]}… vs {settings['unet_fingerprint'][:12]}…); "
             "train from the weights the store was inverted with, or re-invert"
         )
@@ -41,7 +44,7 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
 
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+                                    target_modules=list(family.lora_targets)))
     else:
         unet.requires_grad_(True)
     return unet.train()
@@ -49,16 +52,18 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
 
 def _prediction_and_target(policy: torch.nn.Module, batch: dict[str, torch.Tensor],
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    noise = unet_noise(policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
-                       batch.get("pooled"), batch.get("time_ids"))
-    return noise, batch["targets"].to(device)
+    output = family_of_denoiser(policy).denoise(
+        policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
+        batch.get("pooled"), batch.get("time_ids"), batch.get("guidance"))
+    return output, batch["targets"].to(device)
 
 
 def policy_errors(
     policy: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """e_θ = mean‖ε_θ(x_t, t, c) − target‖² of the chosen images and, in a pairwise batch, the
-    rejected ones (DESIGN §1.4; the target is τ_t for InPO, ε for the forward objectives, §1.7)."""
+    """e_θ = mean‖output_θ(x_t, t, c) − target‖² of the chosen images and, in a pairwise batch, the
+    rejected ones (DESIGN §1.4; the target is τ_t for InPO and ε for the forward objectives, §1.7,
+    or their v / velocity forms for v- and flow models, §1.8)."""
     noise, targets = _prediction_and_target(policy, batch, device)
     errors = ddim.per_sample_mse(noise, targets)
     pairs = len(batch["rows"])
@@ -86,24 +91,22 @@ def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def _pipeline_class(family: str) -> Any:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+def denoiser_folder(family: str) -> str:
+    """Where a run keeps its full denoiser ("unet" or "transformer", the pipeline's own folder)."""
+    return family_named(family).denoiser_folder
 
 
 def save_policy(unet: torch.nn.Module, run_dir: Path, family: str, lora_rank: int) -> Path:
-    """Full UNet in diffusers format, or LoRA weights that `load_lora_weights` reads."""
+    """Full denoiser in diffusers format, or LoRA weights that the family pipeline's
+    `load_lora_weights` reads."""
+    spec = family_named(family)
     if lora_rank > 0:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = spec.lora_layers(unet)
         target = run_dir / LORA_FOLDER
-        _pipeline_class(family).save_lora_weights(save_directory=str(target), unet_lora_layers=layers,
-                                                  safe_serialization=True)
+        spec.diffusers_class().save_lora_weights(save_directory=str(target), safe_serialization=True,
+                                                 **{spec.lora_layers_argument: layers})
         return target
-    target = run_dir / UNET_FOLDER
+    target = run_dir / spec.denoiser_folder
     unet.save_pretrained(str(target), safe_serialization=True)
     return target
 
@@ -111,23 +114,25 @@ def save_policy(unet: torch.nn.Module, run_dir: Path, family: str, lora_rank: in
 def export_pipeline(
     model: str, run_dir: Path, family: str, lora_rank: int, unet: str | None = None, vae: str | None = None
 ) -> Path:
-    """A complete pipeline folder with the trained UNet (LoRA fused in) that from_pretrained loads.
+    """A complete pipeline folder with the trained denoiser (LoRA fused in) that from_pretrained loads.
 
-    `unet`/`vae` are the store's overrides: a LoRA is fused into the reference UNet it was
+    `unet`/`vae` are the store's overrides: a LoRA is fused into the reference denoiser it was
     trained on (say an SFT UNet), not into the pipeline's own.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    pipeline_class = _pipeline_class(family)
+    spec = family_named(family)
+    pipeline_class = spec.diffusers_class()
     parts: dict[str, Any] = {}
     if lora_rank == 0:
-        parts["unet"] = UNet2DConditionModel.from_pretrained(str(run_dir / UNET_FOLDER))
+        parts[spec.denoiser_folder] = spec.diffusers_class(spec.denoiser_class).from_pretrained(
+            str(run_dir / spec.denoiser_folder))
     elif unet:
-        parts["unet"] = load_unet(model, unet)
+        parts[spec.denoiser_folder] = load_unet(model, unet)
     if vae:
         parts["vae"] = AutoencoderKL.from_pretrained(vae) if (Path(vae) / "config.json").exists() \
             else AutoencoderKL.from_pretrained(vae, subfolder="vae")
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family != SDXL else {}
+    extra = {key: value for key, value in spec.pipeline_extras.items() if key != "feature_extractor"}
     pipeline = pipeline_class.from_pretrained(model, **parts, **extra)
     if lora_rank > 0:
         pipeline.load_lora_weights(str(run_dir / LORA_FOLDER))
@@ -149,15 +154,13 @@ def preference_metrics(
     for the pairwise objectives, margin 0 for SFT.
     """
     spec = OBJECTIVES[objective]
-    alphas = None
-    if spec.inputs != INVERSION_INPUTS:
-        alphas = alphas_cumprod_from_config(store.settings["scheduler"])
+    process = process_from_settings(store.settings)
     device = device or next(policy.parameters()).device
     losses, arguments = [], []
     rows = np.asarray(rows)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt), objective, alphas)
+        batch = read_micro_batch(store, chunk, np.full(len(chunk), empty_prompt), objective, process)
         chosen, rejected = policy_errors(policy, batch, device)
         result = spec.loss(chosen, rejected, batch["reference_error_chosen"].to(device),
                            _on(batch.get("reference_error_rejected"), device), beta)

@@ -34,14 +34,28 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RECIPE = "authors"
 
+FLOW_RECIPE_CHANGES: dict[str, Any] = {"timestep_mode": "exact", "eta": 0.0}
+"""What a recipe becomes on a flow model (DESIGN §1.8): the authors' loop is a DDIM loop with DDPM
+noise and has no flow counterpart, so every recipe walks the Euler ODE exactly to σ, without
+noise; the recipe's other values (guidance, prompt dropout, x0, flip) carry over unchanged. A
+flow store made with `--recipe authors` is therefore a variant of the authors' method."""
+
 TRAIN_PROMPT_DROPOUT = 0.2
 """The authors' share of empty prompts; applied at training time only where it is sound (below)."""
 
 
-def recipe_values(name: str) -> dict[str, Any]:
+def recipe_values(name: str, process_kind: str = "diffusion") -> dict[str, Any]:
+    """The recipe's values for a model whose process is `process_kind` ("diffusion" or "flow")."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; use one of {', '.join(RECIPES)}")
-    return dict(RECIPES[name])
+    values = dict(RECIPES[name])
+    if process_kind == "flow":
+        values.update(FLOW_RECIPE_CHANGES)
+    return values
+
+
+def is_flow(settings: dict[str, Any]) -> bool:
+    return (settings.get("process") or {}).get("kind") == "flow"
 
 
 def train_prompt_dropout_default(settings: dict[str, Any]) -> float:
@@ -64,7 +78,7 @@ def store_warnings(settings: dict[str, Any]) -> list[str]:
             "inversion (DESIGN §1.5: one stride too low, destination labels, ā = 1 start); its results are "
             "a variant's, not the authors'. Re-invert with --recipe authors for the authors' algorithm"
         )
-    if settings.get("timestep_mode") == "exact":
+    if settings.get("timestep_mode") == "exact" and not is_flow(settings):
         warnings.append(
             "this store's targets come from the `exact` walk (the `inpo` recipe's variant), which trained the "
             "shapes world's brightness *against* its labels while the authors' walk followed "
@@ -77,6 +91,16 @@ def store_warnings(settings: dict[str, Any]) -> list[str]:
 def describe_inversion(settings: dict[str, Any]) -> str:
     """One line: the recipe and every setting that changes what a row holds."""
     mode = settings.get("timestep_mode")
+    if is_flow(settings):
+        process = settings["process"]
+        label = (f"flow {mode} Euler walk (variant: the authors' loop is DDIM-only), "
+                 f"σ {process.get('sigma_sampling')} after shift {process.get('shift')}")
+        return (
+            f"recipe {settings.get('recipe')}; {label}, n={settings['inversion_steps']}, "
+            f"w_inv={settings['inversion_guidance']}, prompt dropout before inversion "
+            f"{settings.get('inversion_prompt_dropout', 0.0)}, x0 {settings.get('vae_latent', 'mean')}, "
+            f"flip {settings.get('flip', 0.0)}, K={settings['timesteps_per_pair']}, seed={settings['seed']}"
+        )
     label = {"grid": "grid (retired variant, NOT the authors' algorithm)", "exact": "exact (variant)",
              "authors": "authors (the released loop)"}.get(mode, str(mode))
     recipe = settings.get("recipe") or "none (schema v1)"

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.models import SD15, SDXL, detect_family, fingerprint_module, load_unet
+from inpo_pipeline.families import FAMILIES, Family, ModelError, detect_family
+from inpo_pipeline.models import fingerprint_module, load_unet
 
 MANIFEST = "manifest.jsonl"
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
-DEFAULT_GUIDANCE = {SD15: 7.5, SDXL: 5.0}
+SCHEDULERS: dict[str, str] = {name: scheduler for family in FAMILIES.values()
+                              for name, scheduler in family.samplers.items()}
+"""Every sampler `inpo sample --scheduler` knows; each family accepts its own (`Family.samplers`)."""
+DEFAULT_GUIDANCE = {name: family.default_sampling_guidance for name, family in FAMILIES.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NOISE = "per image: torch.Generator('cpu').manual_seed(seed), float32 randn, then the scheduler's init sigma"
 
@@ -47,13 +45,15 @@ def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> tuple[
     return latents, generators
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """The named scheduler built from a pipeline's scheduler config (its betas and offsets)."""
+def make_scheduler(name: str, config: dict[str, Any], family: Family | None = None) -> Any:
+    """The named scheduler built from a pipeline's scheduler config (its betas, offsets or shift)."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+    known = family.samplers if family is not None else FAMILIES["sd15"].samplers
+    if name not in known:
+        owner = f" for {family.name} models" if family is not None else ""
+        raise UserError(f"--scheduler must be one of {', '.join(known)}{owner}")
+    return getattr(diffusers, known[name]).from_config(config)
 
 
 def scheduler_settings(scheduler: Any) -> dict[str, Any]:
@@ -82,44 +82,34 @@ def files_sha256(location: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_unet_fits(pipeline: Any, family: str, where: str) -> None:
-    """The UNet must take this pipeline's text embeddings (and, for SDXL, its size conditioning)."""
-    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == SDXL else [])
-    width = sum(int(encoder.config.hidden_size) for encoder in encoders)
-    config = pipeline.unet.config
-    sdxl_unet = getattr(config, "addition_embed_type", None) == "text_time"
-    if config.cross_attention_dim != width or sdxl_unet != (family == SDXL):
-        raise UserError(f"the UNet from {where} does not fit this {family} pipeline (it expects "
-                        f"{config.cross_attention_dim}-wide text embeddings{', SDXL conditioning' if sdxl_unet else ''}; "
-                        f"the pipeline gives {width}-wide ones)")
-
-
 def load_sampling_pipeline(
     model: str, *, unet: str | None, lora: str | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, dict[str, Any]]:
-    """The diffusers pipeline (SD1.5- or SDXL-type) with the UNet swapped / LoRA loaded, and its identity.
+    """The family's diffusers pipeline with the denoiser swapped / LoRA loaded, and its identity.
 
-    The identity records the weights themselves: the UNet's fingerprint (before any LoRA) and
-    the sha256 of the LoRA files.
+    The identity records the weights themselves: the denoiser's fingerprint (before any LoRA)
+    and the sha256 of the LoRA files.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    family = detect_family(model)
+    try:
+        family = detect_family(model)
+    except ModelError as error:
+        raise UserError(str(error)) from error
     lora_location = _lora_location(lora) if lora else None
     parts: dict[str, Any] = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if unet:
-        parts["unet"] = load_unet(model, unet).to(dtype)
-    if family == SD15:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline_class = StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+        parts[family.denoiser_folder] = load_unet(model, unet).to(dtype)
+    parts.update(family.pipeline_extras)
     try:
-        pipeline = pipeline_class.from_pretrained(model, **parts)
+        pipeline = family.diffusers_class().from_pretrained(model, **parts)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the pipeline {model}: {str(error).strip().splitlines()[0]}") from error
-    _check_unet_fits(pipeline, family, unet or model)
+    try:
+        family.check_pipeline_denoiser(pipeline, unet or model)
+    except ModelError as error:
+        raise UserError(str(error)) from error
     identity: dict[str, Any] = {
-        "model": model, "family": family, "unet": unet, "lora": lora,
-        "unet_fingerprint": fingerprint_module(pipeline.unet), "lora_sha256": None,
+        "model": model, "family": family.name, "unet": unet, "lora": lora,
+        "unet_fingerprint": fingerprint_module(denoiser_of(pipeline)), "lora_sha256": None,
     }
     if lora_location is not None:
         try:
@@ -131,6 +121,11 @@ def load_sampling_pipeline(
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, identity
+
+
+def denoiser_of(pipeline: Any) -> torch.nn.Module:
+    """The pipeline's UNet or transformer."""
+    return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
 
 
 def describe_model(identity: dict[str, Any] | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,70 @@ DATA_SEED_BASE = 1_000_000
 
 
 # ------------------------------------------------------------------------------ the world
+@dataclass(frozen=True)
+class WorldKind:
+    """How a world's pipeline is built, loaded, sampled and given a trained denoiser: the SD1.5
+    world (UNet, DDIM) or the flow world (SD3-type transformer, FlowMatch Euler, DESIGN §1.8)."""
+
+    denoiser_folder: str
+    denoiser_class: str
+    default_guidance: float
+    load_pipeline: Callable[[Path], Any]
+    sample: Callable[..., np.ndarray]
+    build: Callable[..., dict[str, Any]]
+
+
+def _flow_kind() -> WorldKind:
+    from inpo_pipeline import world_flow
+
+    return WorldKind("transformer", "SD3Transformer2DModel", 4.0, world_flow.load_flow_pipeline,
+                     world_flow.sample_flow, world_flow.build_flow_world)
+
+
+WORLD_KINDS: dict[str, Callable[[], WorldKind]] = {
+    "sd15": lambda: WorldKind("unet", "UNet2DConditionModel", 3.0, world.load_pipeline, world.sample,
+                              world.build_world),
+    "sd3": _flow_kind,
+}
+"""World kinds by the family of the world's pipeline (a world is one family's pipeline folder)."""
+
+
+def named_worlds() -> dict[str, Path]:
+    """The committed worlds, by the name `inpo demo --world` accepts."""
+    from inpo_pipeline.world_flow import DEFAULT_FLOW_WORLD
+
+    return {"shapes": world.DEFAULT_WORLD, "shapes-flow": DEFAULT_FLOW_WORLD}
+
+
+def world_folder(path: str | Path | None) -> Path:
+    """A world's folder: a committed world's name (shapes, shapes-flow), a folder, or the default."""
+    if path is None:
+        return world.DEFAULT_WORLD
+    return named_worlds().get(str(path), Path(path))
+
+
+def world_kind(model: Path | str) -> WorldKind:
+    """The kind of the world at `model` (from its model_index.json); the SD1.5 world when absent."""
+    from inpo_pipeline.families import ModelError, detect_family
+
+    if not (Path(model) / "model_index.json").exists():
+        return WORLD_KINDS["sd15"]()
+    try:
+        family = detect_family(str(model)).name
+    except ModelError as error:
+        raise UserError(str(error)) from error
+    if family not in WORLD_KINDS:
+        raise UserError(f"{model} is a {family} pipeline; a world is an SD1.5-type or SD3-type pipeline folder")
+    return WORLD_KINDS[family]()
+
+
 def ensure_world(path: str | None, rebuild: bool, reporter: Reporter) -> Path:
     """The world model folder: the committed one (or `path`), built first if missing or asked."""
-    folder = Path(path) if path else world.DEFAULT_WORLD
+    folder = world_folder(path)
     if rebuild or not (folder / "model_index.json").exists():
-        reporter.line(f"building the world model at {folder} (deterministic, a few minutes on 2 cores)")
-        record = world.build_world(folder, progress=reporter.progress)
+        build = _flow_kind().build if folder.name.endswith("flow") else world.build_world
+        reporter.line(f"building the world model at {folder} (deterministic; minutes on 2 cores)")
+        record = build(folder, progress=reporter.progress)
         reporter.line(f"world model built in {record['timings']['total_seconds']:.0f} s")
     return folder
 
@@ -74,7 +133,9 @@ class PreferencePool:
 def sample_pool(model: Path, pairs_per_prompt: int, sampler: SamplerSettings, seed: int, reporter: Reporter,
                 cache: Path | None = None) -> PreferencePool:
     """Two samples of the base model per (training prompt, pair), seeds DATA_SEED_BASE + …, scored."""
-    key = {"model": str(Path(model).resolve()), "fingerprint": files_sha256(Path(model) / "unet"), "pairs": pairs_per_prompt,
+    kind = world_kind(model)
+    key = {"model": str(Path(model).resolve()), "fingerprint": files_sha256(Path(model) / kind.denoiser_folder),
+           "pairs": pairs_per_prompt,
            "sampler": asdict(sampler), "seed": seed, "prompts": list(world.TRAIN_PROMPTS)}
     if cache is not None and (pool := PreferencePool.load(cache, key)) is not None:
         reporter.line(f"preference samples: reusing {cache}")
@@ -83,10 +144,10 @@ def sample_pool(model: Path, pairs_per_prompt: int, sampler: SamplerSettings, se
     first = DATA_SEED_BASE + seed * 100_000
     seeds_0 = first + 2 * np.arange(len(prompts))
     seeds_1 = seeds_0 + 1
-    pipe = world.load_pipeline(model)
+    pipe = kind.load_pipeline(model)
     with reporter.progress("sampling preference pairs", 2 * len(prompts), unit="images") as advance:
-        images_0 = world.to_uint8(world.sample(pipe, prompts, seeds_0, sampler, advance))
-        images_1 = world.to_uint8(world.sample(pipe, prompts, seeds_1, sampler, advance))
+        images_0 = world.to_uint8(kind.sample(pipe, prompts, seeds_0, sampler, advance))
+        images_1 = world.to_uint8(kind.sample(pipe, prompts, seeds_1, sampler, advance))
     pool = PreferencePool(prompts, seeds_0, seeds_1, images_0, images_1,
                           world.reward(images_0, prompts), world.reward(images_1, prompts))
     if cache is not None:
@@ -112,12 +173,17 @@ def write_dataset(pool: PreferencePool, path: Path, labeling: str, seed: int = 0
 
 # ------------------------------------------------------------------------------ aligned models
 def run_unet(run_dir: Path | str, step: int | None = None) -> Any:
-    """The trained UNet of an `inpo train` run (`unet/`), or the one in its checkpoint at `step`."""
-    from diffusers import UNet2DConditionModel
+    """The trained denoiser of an `inpo train` run (`unet/` or `transformer/`), or the one in its
+    checkpoint at `step`."""
+    import diffusers
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    unet = UNet2DConditionModel.from_pretrained(str(run_dir / "unet"))
+    folder = next((name for name in ("unet", "transformer") if (run_dir / name / "config.json").exists()), None)
+    if folder is None:
+        raise UserError(f"{run_dir} holds no trained unet/ or transformer/ (a LoRA run? export it with --export-pipeline)")
+    class_name = json.loads((run_dir / folder / "config.json").read_text())["_class_name"]
+    unet = getattr(diffusers, class_name).from_pretrained(str(run_dir / folder))
     if step is not None:
         checkpoint = run_dir / "checkpoints" / f"step-{step:07d}" / "model.safetensors"
         if not checkpoint.exists():
@@ -151,18 +217,19 @@ def evaluate(model: Path, unets: dict[str, Any], eval_seeds: int, sampler: Sampl
              reporter: Reporter) -> Evaluation:
     """Sample base and each aligned UNet on held-out prompts with the same seeds; score all."""
     prompts, seeds = evaluation_set(eval_seeds)
-    pipe = world.load_pipeline(model)
-    base_unet = pipe.unet
+    kind = world_kind(model)
+    pipe = kind.load_pipeline(model)
+    base_unet = getattr(pipe, kind.denoiser_folder)
     total = len(prompts) * (1 + len(unets))
     with reporter.progress("sampling base and aligned", total, unit="images") as advance:
-        base_images = world.to_uint8(world.sample(pipe, prompts, seeds, sampler, advance))
+        base_images = world.to_uint8(kind.sample(pipe, prompts, seeds, sampler, advance))
         result = Evaluation(prompts, seeds, world.reward(base_images, prompts), base_images)
         for name, unet in unets.items():
-            pipe.unet = unet
-            images = world.to_uint8(world.sample(pipe, prompts, seeds, sampler, advance))
+            setattr(pipe, kind.denoiser_folder, unet)
+            images = world.to_uint8(kind.sample(pipe, prompts, seeds, sampler, advance))
             result.aligned[name] = world.reward(images, prompts)
             result.aligned_images[name] = images
-    pipe.unet = base_unet
+    setattr(pipe, kind.denoiser_folder, base_unet)
     return result
 
 
@@ -180,7 +247,7 @@ class DemoOptions:
     # the rewards labelling the data (world.REWARDS); each gets its own data, stores and runs
     rewards: str = "colour,brightness"
     labels: str = "reward,shuffled,reversed"  # "reward" alone when controls is False
-    beta: float = 2000.0
+    beta: float | None = None  # the world family's default β (objectives.default_beta): 2000 SD1.5
     lr: float = 3e-5
     steps: int = 100
     batch_size: int = 16
@@ -191,7 +258,7 @@ class DemoOptions:
     timesteps_per_pair: int = 2
     inversion_steps: int = 10
     sample_steps: int = 20
-    guidance: float = 3.0
+    guidance: float | None = None  # the world's: 3.0 (SD1.5 world), 4.0 (flow world)
     seed: int = 0
 
     def validate(self) -> None:
@@ -199,7 +266,7 @@ class DemoOptions:
             (self.pairs_per_prompt >= 2, "--pairs-per-prompt must be at least 2"),
             (self.eval_seeds >= 1, "--eval-seeds must be at least 1"),
             (self.sample_steps >= 1, "--sample-steps must be at least 1"),
-            (self.guidance >= 1, "--guidance must be >= 1"),
+            (self.guidance is None or self.guidance >= 1, "--guidance must be >= 1"),
             (bool(self.reward_names) and all(r in world.REWARDS for r in self.reward_names),
              f"--rewards must be a comma-separated list of {', '.join(world.REWARDS)}"),
             (bool(self.labelings) and all(label in world.LABELINGS for label in self.labelings),
@@ -218,9 +285,9 @@ class DemoOptions:
     def reward_names(self) -> list[str]:
         return [name.strip() for name in self.rewards.split(",") if name.strip()]
 
-    @property
-    def sampler(self) -> SamplerSettings:
-        return SamplerSettings(steps=self.sample_steps, guidance=self.guidance)
+    def sampler(self, kind: WorldKind) -> SamplerSettings:
+        guidance = self.guidance if self.guidance is not None else kind.default_guidance
+        return SamplerSettings(steps=self.sample_steps, guidance=guidance)
 
 
 def invert_and_train(model: Path, data: Path, work: Path, options: DemoOptions, reporter: Reporter) -> Path:
@@ -259,9 +326,10 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
     torch.manual_seed(options.seed)
 
     model = ensure_world(options.world, options.rebuild_world, reporter)
+    sampler = options.sampler(world_kind(model))
     timings["world"] = time.perf_counter() - started
     mark = time.perf_counter()
-    pool = sample_pool(model, options.pairs_per_prompt, options.sampler, options.seed, reporter,
+    pool = sample_pool(model, options.pairs_per_prompt, sampler, options.seed, reporter,
                        cache=out / "preference-samples.npz")
     timings["preference_samples"] = time.perf_counter() - mark
     reporter.line(f"{len(pool.prompts)} pairs on {len(world.TRAIN_PROMPTS)} training prompts; "
@@ -290,7 +358,7 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
 
     mark = time.perf_counter()
     evaluation = evaluate(model, {name: run_unet(run) for name, run in runs.items()}, options.eval_seeds,
-                          options.sampler, reporter)
+                          sampler, reporter)
     timings["evaluation"] = time.perf_counter() - mark
     comparisons = {}
     for name, images in evaluation.aligned_images.items():
@@ -305,7 +373,7 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
         write_reward_plot(out / "rewards.png", evaluation)
     timings["total"] = time.perf_counter() - started
     results = {
-        "options": asdict(options), "model": str(model), "datasets": datasets,
+        "options": asdict(options), "model": str(model), "sampler": asdict(sampler), "datasets": datasets,
         "comparisons": {name: c.as_dict() for name, c in comparisons.items()},
         "timings_seconds": timings, "grid": str(out / "grid.png"), "plot": str(out / "rewards.png"),
     }

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
+from inpo_pipeline.example import (
+    build_tiny_flux, build_tiny_sd3, build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet,
+)
 from inpo_pipeline.reporting import Reporter
 from stages.invert import InvertOptions, run_invert
 from stages.train import TrainOptions, run_train
@@ -15,13 +17,14 @@ from stages.train import TrainOptions, run_train
 
 def run_example(out: Path, *, pairs: int, family: str, steps: int, reporter: Reporter) -> dict[str, Any]:
     """Build (once) a tiny pipeline and a Pick-a-Pic-layout parquet, invert it, train on the store."""
-    if family not in ("sd15", "sdxl"):
-        raise UserError("--family must be sd15 or sdxl")
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+    if family not in builders:
+        raise UserError(f"--family must be one of {', '.join(builders)}")
     out.mkdir(parents=True, exist_ok=True)
     model = out / f"tiny-{family}"
     if not (model / "model_index.json").exists():
         with reporter.status(f"building the tiny {family} pipeline at {model}"):
-            (build_tiny_sd15 if family == "sd15" else build_tiny_sdxl)(model)
+            builders[family](model)
     data = out / "pickapic-example.parquet"
     if not data.exists():
         written = write_pickapic_parquet(data, num_pairs=pairs, seed=0)
@@ -47,7 +50,7 @@ def run_example(out: Path, *, pairs: int, family: str, steps: int, reporter: Rep
     first = trained["final"]
     reporter.table("inpo example", [
         ("store", f"{store} ({inverted['rows_valid']} usable rows; `inpo cache info {store}`)"),
-        ("trained UNet", trained.get("weights", "")),
+        ("trained weights", trained.get("weights", "")),
         ("metrics", f"{run / 'metrics.jsonl'}"),
         ("final loss", f"{first['loss']:.4f} (log 2 = 0.6931 at step 0)"),
         ("implicit accuracy", f"{first['implicit_accuracy']:.2f}"),

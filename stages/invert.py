@@ -25,7 +25,10 @@ from inpo_pipeline.data import DataError, describe_source, open_source
 from inpo_pipeline.distributed import process_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
+from inpo_pipeline.families import ModelError, detect_family
+from inpo_pipeline.flow import FLOW_TIMESTEP_MODES, SIGMA_SAMPLINGS
 from inpo_pipeline.models import TIME_ID_MODES, ReferenceModel, load_reference
+from inpo_pipeline.processes import ProcessError
 from inpo_pipeline.objectives import STORE_OBJECTIVE_SETS, stores_forward_inputs
 from inpo_pipeline.plan import build_plan
 from inpo_pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
@@ -56,6 +59,9 @@ class InvertOptions:
     time_ids: str | None = None
     vae_latent: str | None = None
     flip: float | None = None
+    sigma_sampling: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     timesteps_per_pair: int = 1
     objectives: str = "all"
     batch_size: int = 8
@@ -70,21 +76,29 @@ class InvertOptions:
     prompts_per_chunk: int = 256
     device: str | None = None
 
-    def resolve_recipe(self) -> None:
-        """Fill every inversion setting not given explicitly from the recipe."""
+    def resolve_recipe(self, process_kind: str = "diffusion") -> None:
+        """Fill every inversion setting not given explicitly from the recipe (for this kind of model)."""
         if self.recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}")
-        for name, value in recipe_values(self.recipe).items():
+        for name, value in recipe_values(self.recipe, process_kind).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
-    def validate(self) -> None:
-        self.resolve_recipe()
+    def validate(self, process_kind: str = "diffusion") -> None:
+        """Check every option; `process_kind` ("diffusion" or "flow", the model's) decides the walks."""
+        self.resolve_recipe(process_kind)
         if self.timestep_mode in ddim.RETIRED_MODES:
             raise UserError(ddim.RETIRED_MODES[self.timestep_mode])
+        modes = ddim.TIMESTEP_MODES if process_kind == "diffusion" else FLOW_TIMESTEP_MODES
         checks = [
             (self.inversion_steps >= 1, "--inversion-steps must be at least 1"),
-            (self.timestep_mode in ddim.TIMESTEP_MODES, f"--timestep-mode must be one of {ddim.TIMESTEP_MODES}"),
+            (self.timestep_mode in modes,
+             f"--timestep-mode must be one of {', '.join(modes)} for this {process_kind} model"),
+            (process_kind == "diffusion" or self.eta == 0,
+             "--eta (the authors' DDPM noise) has no flow counterpart; use --eta 0 on flow models"),
+            (self.sigma_sampling in SIGMA_SAMPLINGS, f"--sigma-sampling must be one of {', '.join(SIGMA_SAMPLINGS)}"),
+            (math.isfinite(self.logit_mean) and math.isfinite(self.logit_std) and self.logit_std > 0,
+             "--logit-mean must be finite and --logit-std above 0"),
             (math.isfinite(self.inversion_guidance) and self.inversion_guidance >= 0,
              "--inversion-guidance must be a finite number >= 0 (0 unconditional, 1 conditional, above 1 CFG)"),
             (math.isfinite(self.eta) and self.eta >= 0, "--eta must be >= 0"),
@@ -114,9 +128,18 @@ class InvertOptions:
 
 def store_settings(options: InvertOptions, reference: ReferenceModel, resolution: int, data_identity: dict[str, Any]) -> dict[str, Any]:
     """The settings a store is made with; a resume must match all of them."""
+    process = reference.process(resolution, {"sigma_sampling": options.sigma_sampling,
+                                             "logit_mean": options.logit_mean, "logit_std": options.logit_std})
+    # recorded where it says more than the scheduler does, so ε-model stores keep the settings
+    # (and resume) of stores made before flow and v-prediction support
+    process_settings = {} if process.settings() == {"kind": "diffusion", "prediction": "epsilon"} \
+        else {"process": process.settings()}
+    guidance = reference.extra.get("guidance_embedding")
     return {
         "model": _resolved(options.model),
         "family": reference.family,
+        **process_settings,
+        **({} if guidance is None else {"guidance_embedding": guidance}),
         "unet": _resolved(options.unet),
         "vae": _resolved(options.vae),
         "unet_fingerprint": reference.unet_fingerprint,
@@ -163,7 +186,11 @@ def _normalise(value: Any) -> Any:
 
 def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run (or resume) stage one; returns the store's summary."""
-    options.validate()
+    try:
+        process_kind = detect_family(options.model).process_kind
+    except ModelError:
+        process_kind = None  # the options are still checked first; loading the model then says why
+    options.validate(process_kind or "diffusion")
     state = process_state()
     reporter = reporter or Reporter(enabled=state.is_main_process)
     device = torch.device(options.device) if options.device else state.device
@@ -175,7 +202,7 @@ def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict
     resolution = options.resolution or reference.native_resolution
     reference.check_resolution(resolution)
     reporter.line(
-        f"model: {options.model} ({reference.family}), UNet fingerprint {reference.unet_fingerprint[:16]}…, "
+        f"model: {options.model} ({reference.family}), {reference.spec.denoiser_label} fingerprint {reference.unet_fingerprint[:16]}…, "
         f"{resolution} px, device {device}, {state.num_processes} process(es)"
     )
     settings = store_settings(options, reference, resolution, source.identity())
@@ -254,11 +281,13 @@ def _prepare_store(
         raise UserError(f"cannot write to {out}: permission denied; choose another --out")
 
     layout_rows = options.rows_per_shard * options.shards_per_window
+    process = reference.process(resolution, settings.get("process"))
     with reporter.status("scanning the data (captions and labels only)"):
         plan = build_plan(
             source.scan(), seed=options.seed, timesteps_per_pair=options.timesteps_per_pair,
             num_train_timesteps=reference.num_train_timesteps, rows_per_window=layout_rows,
             max_pairs=options.max_pairs, prompt_dropout=options.inversion_prompt_dropout, flip=options.flip,
+            levels=process.sample_levels,
         )
     if plan.num_rows == 0:
         raise UserError(
@@ -272,6 +301,8 @@ def _prepare_store(
         num_prompts=len(plan.prompts),
         text_shape=reference.text.embedding_shape,
         pooled_dim=reference.text.pooled_dim,
+        size_conditioning=reference.spec.size_conditioning,
+        sigma=process.kind == "flow",
         storage_dtype=options.dtype,
         forward_arrays=stores_forward_inputs(settings),
         rows_per_shard=options.rows_per_shard,
@@ -289,7 +320,8 @@ def _prepare_store(
     try:
         CacheStore.create(
             out, layout, settings, provenance,
-            RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw, plan.caption_index, plan.flip),
+            RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw, plan.caption_index, plan.flip,
+                    plan.sigma),
             plan.prompts,
         )
     except StoreError as error:

@@ -21,6 +21,7 @@ import torch
 import inpo_pipeline
 from inpo_pipeline import sampling
 from inpo_pipeline.errors import UserError
+from inpo_pipeline.families import family_named
 from inpo_pipeline.prompts import Prompt, read_prompts
 from inpo_pipeline.reporting import Reporter
 
@@ -38,7 +39,7 @@ class SampleOptions:
     steps: int = 50
     guidance: float | None = None
     resolution: int | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the family's default (ddim; flow-euler for flow models)
     batch_size: int = 4
     dtype: str | None = None
     device: str | None = None
@@ -50,7 +51,8 @@ class SampleOptions:
             (self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0),
              "--guidance must be a finite number >= 0"),
             (self.resolution is None or self.resolution >= 8, "--resolution must be at least 8"),
-            (self.scheduler in sampling.SCHEDULERS, f"--scheduler must be one of {', '.join(sampling.SCHEDULERS)}"),
+            (self.scheduler is None or self.scheduler in sampling.SCHEDULERS,
+             f"--scheduler must be one of {', '.join(sampling.SCHEDULERS)}"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.dtype is None or self.dtype in sampling.DTYPES, f"--dtype must be one of {', '.join(sampling.DTYPES)}"),
         ]
@@ -59,11 +61,11 @@ class SampleOptions:
                 raise UserError(message)
 
 
-def _check_resolution(pipeline: Any, resolution: int) -> None:
-    multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+def _check_resolution(pipeline: Any, family: Any, resolution: int) -> None:
+    multiple = pipeline.vae_scale_factor * family.denoiser_downsampling(sampling.denoiser_of(pipeline))
     if resolution % multiple:
         raise UserError(f"--resolution {resolution} is not a multiple of {multiple} "
-                        f"(VAE factor {pipeline.vae_scale_factor} × UNet downsampling)")
+                        f"(VAE factor {pipeline.vae_scale_factor} × {family.denoiser_label} downsampling)")
 
 
 def _check_existing(out: Path, records: list[dict[str, Any]], model: dict[str, Any], protocol: dict[str, Any]) -> None:
@@ -90,9 +92,12 @@ def run_sample(options: SampleOptions, reporter: Reporter | None = None) -> dict
     with reporter.status(f"loading {options.model}"):
         pipeline, model = sampling.load_sampling_pipeline(
             options.model, unet=options.unet, lora=options.lora, dtype=sampling.DTYPES[dtype_name], device=device)
-    pipeline.scheduler = sampling.make_scheduler(options.scheduler, pipeline.scheduler.config)
-    resolution = options.resolution or int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor
-    _check_resolution(pipeline, resolution)
+    family = family_named(model["family"])
+    denoiser = sampling.denoiser_of(pipeline)
+    scheduler_name = options.scheduler or family.default_sampler
+    pipeline.scheduler = sampling.make_scheduler(scheduler_name, pipeline.scheduler.config, family)
+    resolution = options.resolution or family.native_resolution(denoiser, pipeline.vae)
+    _check_resolution(pipeline, family, resolution)
     guidance = options.guidance if options.guidance is not None else sampling.DEFAULT_GUIDANCE[model["family"]]
     protocol = {
         "prompts": prompt_set.identity(),
@@ -100,13 +105,15 @@ def run_sample(options: SampleOptions, reporter: Reporter | None = None) -> dict
         "steps": options.steps,
         "guidance": guidance,
         "resolution": resolution,
-        "scheduler": options.scheduler,
+        "scheduler": scheduler_name,
         "scheduler_config": sampling.scheduler_settings(pipeline.scheduler),
         "eta": 0.0,
         "negative_prompt": "",
         "dtype": dtype_name,
         "noise": sampling.NOISE,
     }
+    # the flow pipelines' T5 length (eta is recorded above for every family)
+    protocol.update({key: value for key, value in family.pipeline_call_extras(pipeline).items() if key != "eta"})
     protocol = json.loads(json.dumps(protocol))
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,7 @@ def run_sample(options: SampleOptions, reporter: Reporter | None = None) -> dict
     todo = [(p, s) for p, s in jobs if sampling.image_name(p.index, s) not in done]
     reporter.line(f"{len(jobs)} images ({len(prompt_set)} prompts × {options.seeds} seeds): "
                   f"{len(done)} present, {len(todo)} to generate on {device} ({dtype_name})")
-    channels = int(pipeline.unet.config.in_channels)
+    channels = family.latent_channels(denoiser)
     latent_side = resolution // pipeline.vae_scale_factor
     with reporter.progress("sampling", len(todo), "img") as advance:
         for start in range(0, len(todo), options.batch_size):
@@ -140,8 +147,9 @@ def run_sample(options: SampleOptions, reporter: Reporter | None = None) -> dict
             with torch.no_grad():
                 images = pipeline(
                     prompt=[p.text for p, _ in batch], height=resolution, width=resolution,
-                    num_inference_steps=options.steps, guidance_scale=guidance, eta=0.0,
-                    latents=latents.to(device, pipeline.unet.dtype), generator=generators, output_type="pil",
+                    num_inference_steps=options.steps, guidance_scale=guidance, **family.pipeline_call_extras(pipeline),
+                    latents=family.pipeline_latents(latents).to(device, denoiser.dtype), generator=generators,
+                    output_type="pil",
                 ).images
             for (prompt, seed), image in zip(batch, images):
                 target = out / sampling.image_name(prompt.index, seed)

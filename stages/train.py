@@ -23,9 +23,10 @@ from cache_schema import CacheStore, now_iso
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
 from inpo_pipeline.checkpoints import load_training_state, save_training_state
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.models import SDXL, alphas_cumprod_from_config
+from inpo_pipeline.families import family_named
+from inpo_pipeline.processes import process_from_settings
 from inpo_pipeline.objectives import (
-    DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES, check_served, default_beta, get_objective,
+    DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES, beta_convention, check_served, default_beta, get_objective,
 )
 from inpo_pipeline.policy import (
     export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters, winner_preserving_policy_errors,
@@ -118,9 +119,10 @@ class TrainOptions:
             values["mixed_precision"] = store_precision(settings)
         values["beta"] = self.beta if self.beta is not None else default_beta(get_objective(self.objective), family)
         values["lr"] = self.lr if self.lr is not None else LR_PER_SAMPLE * effective_batch
-        values["optimizer"] = self.optimizer or ("adafactor" if family == SDXL else "adamw")
+        spec = family_named(family)
+        values["optimizer"] = self.optimizer or spec.default_optimizer
         if self.gradient_checkpointing is None:
-            values["gradient_checkpointing"] = family == SDXL
+            values["gradient_checkpointing"] = spec.default_gradient_checkpointing
         if self.num_workers is None:
             # on a CPU the step itself needs the cores: spawned workers only delay the first step
             values["num_workers"] = 2 if torch.cuda.is_available() else 0
@@ -236,7 +238,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         f"store {options.cache}: {len(rows)} rows, {family}; effective batch {effective_batch} = "
         f"{options.batch_size} per device × {accelerator.num_processes} process(es) × {options.grad_accum} accumulation"
     )
-    beta = f"β {options.beta:g}" if objective.default_beta is not None else "β unused"
+    beta = f"β {options.beta:g}" if objective.uses_beta else "β unused"
     reporter.line(
         f"objective {objective.name} ({objective.description}), "
         f"{beta}, lr {options.lr:.3g} ({options.optimizer}, warm-up {options.warmup}), "
@@ -287,9 +289,8 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None})
 
     remaining = options.steps - start_step
-    alphas = None if objective.inputs == INVERSION_INPUTS else alphas_cumprod_from_config(settings["scheduler"])
     dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum,
-                           objective.name, alphas)
+                           objective.name, process_from_settings(settings))
     loader = micro_batch_loader(dataset, options.num_workers if remaining > 0 else 0)
     metrics = _train_loop(accelerator, policy, optimizer, scheduler, loader, options, start_step, run_dir,
                           schedule, reporter, started)
@@ -334,6 +335,7 @@ def _write_run_file(run_dir: Path, options: TrainOptions, effective_batch: int, 
     record = {
         "status": status, "updated_at": now_iso(), "inpo_version": inpo_pipeline.__version__,
         "options": asdict(options), "effective_batch": effective_batch, "identity": identity,
+        "beta_convention": beta_convention(store.settings),
         "store": {"path": str(Path(options.cache).resolve()), "settings": store.settings,
                   "provenance": store.provenance},
         "final_metrics": final,

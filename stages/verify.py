@@ -61,7 +61,7 @@ def recompute_rows(store: CacheStore, count: int, seed: int, device: torch.devic
     if reference.unet_fingerprint != settings["unet_fingerprint"]:
         raise UserError("the model found at the recorded path has other UNet weights than the store's reference")
     reference.to(device, COMPUTE_DTYPES[settings["compute_dtype"]])
-    if settings["timestep_mode"] not in ddim.TIMESTEP_MODES:
+    if settings["timestep_mode"] in ddim.RETIRED_MODES:
         return [f"rows of timestep mode {settings['timestep_mode']!r} cannot be recomputed: that mode was retired"]
     config = InversionConfig.from_settings(settings, batch_size=8)
     stored = store.read_rows(rows)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD1.5/SDXL pipelines saved to disk once per session, and tiny data."""
+"""Shared fixtures: tiny SD1.5/SDXL/SD3/FLUX pipelines saved to disk once per session, and tiny data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
+from inpo_pipeline.example import (
+    build_tiny_flux, build_tiny_sd3, build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet,
+)
 
 # The suite runs on 2 cores; pinning threads keeps float results identical between a test's
 # own computation and the subprocesses it launches.
@@ -23,6 +25,22 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.5 pipeline as a v-prediction model (SD 2.x's parameterisation)."""
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd2v", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")

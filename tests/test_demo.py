@@ -62,3 +62,19 @@ def test_every_kind_of_reward_moves_with_its_labels(tmp_path) -> None:
         reversed_ = comparisons["reversed" if reward == "colour" else f"{reward}-reversed"]
         assert true["difference_interval"][0] > 0, (reward, true)
         assert reversed_["difference_interval"][1] < 0, (reward, reversed_)
+
+
+def test_reduced_flow_demo_aligns_and_the_controls_do_not(tmp_path) -> None:
+    """The same story in the flow world (an SD3-type pipeline, Euler inversion, τ_v; DESIGN §1.8)."""
+    out = tmp_path / "flow"
+    result = CliRunner().invoke(app, [
+        "demo", "--world", "shapes-flow", "--out", str(out), "--pairs-per-prompt", "30", "--eval-seeds", "34",
+        "--sample-steps", "15", "--rewards", "colour",
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    main, shuffled, reversed_ = (results["comparisons"][name] for name in ("reward", "shuffled", "reversed"))
+    assert main["n"] >= 200
+    assert main["win_rate"] >= WIN_RATE_THRESHOLD and main["difference_interval"][0] > 0, main
+    assert shuffled["win_interval"][0] <= 0.5 <= shuffled["win_interval"][1] or abs(shuffled["win_rate"] - 0.5) < 0.1, shuffled
+    assert reversed_["difference"] < 0 and reversed_["win_rate"] < 0.5, reversed_

@@ -132,7 +132,8 @@ def test_resume_refuses_another_protocol(base_run, tiny_sd15, prompt_file, tmp_p
 def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
     from peft import LoraConfig
 
-    from inpo_pipeline.policy import LORA_TARGETS, save_policy
+    from inpo_pipeline.families import FAMILIES
+    from inpo_pipeline.policy import save_policy
 
     unet = perturbed_unet(tiny_sd15, tmp_path / "run" / "unet", seed=1)
     generator = torch.Generator().manual_seed(1)
@@ -144,7 +145,7 @@ def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
     assert np.abs(pixels(tmp_path / "swapped" / FILES[0]) - pixels(base_run / FILES[0])).mean() > 1
 
     lora_unet = load_unet(str(tiny_sd15))
-    lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(FAMILIES["sd15"].lora_targets)))
     with torch.no_grad():
         for name, parameter in lora_unet.named_parameters():
             if "lora_B" in name:
