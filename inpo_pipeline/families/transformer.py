@@ -14,7 +14,7 @@ from inpo_pipeline.families.base import Family, ModelError, TextEncoders, load_j
 TRANSFORMER_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 """The joint attention's image and text projections (diffusers' SD3/FLUX LoRA training targets)."""
 
-FLOW_BETA = {"inpo": 500.0, "diffusion-dpo": 500.0}
+FLOW_BETA = {"inpo": 100.0, "diffusion-dpo": 100.0}
 """β of the flow families (velocity errors): calibrated in the flow shapes world (docs/proof.md,
 "Flow models"); the β/2 · Δe convention is the ε-models', the error space is the velocity's."""
 
