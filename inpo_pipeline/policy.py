@@ -132,7 +132,7 @@ def export_pipeline(
     if vae:
         parts["vae"] = AutoencoderKL.from_pretrained(vae) if (Path(vae) / "config.json").exists() \
             else AutoencoderKL.from_pretrained(vae, subfolder="vae")
-    extra = {key: value for key, value in spec.pipeline_extras.items() if key != "feature_extractor"}
+    extra = {key: value for key, value in spec.pipeline_kwargs(model).items() if key != "feature_extractor"}
     pipeline = pipeline_class.from_pretrained(model, **parts, **extra)
     if lora_rank > 0:
         pipeline.load_lora_weights(str(run_dir / LORA_FOLDER))

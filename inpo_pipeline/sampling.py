@@ -98,7 +98,7 @@ def load_sampling_pipeline(
     parts: dict[str, Any] = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if unet:
         parts[family.denoiser_folder] = load_unet(model, unet).to(dtype)
-    parts.update(family.pipeline_extras)
+    parts.update(family.pipeline_kwargs(model))
     try:
         pipeline = family.diffusers_class().from_pretrained(model, **parts)
     except (OSError, ValueError) as error:

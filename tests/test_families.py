@@ -228,3 +228,29 @@ def test_verify_recomputes_rows_of_every_family_exactly(name, stores):
     # float32 stores: the recomputation batches rows differently, so matmul rounding may differ
     assert max(differences) < 1e-5, line
     assert result.output.rstrip().endswith(f"OK {stores[name]}")
+
+
+def test_sd3_without_t5_encodes_as_the_pipeline_and_trains(pickapic, tmp_path, prompts_file):
+    """SD3's documented memory option: a pipeline saved without text_encoder_3 conditions on the
+    CLIP embeddings and zeros for T5, exactly as StableDiffusion3Pipeline.encode_prompt does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    model = build_tiny_sd3(tmp_path / "no-t5")
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (model / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(model / "text_encoder_3")
+    shutil.rmtree(model / "tokenizer_3")
+    reference = load_reference(str(model), with_vae=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, text_encoder_3=None, tokenizer_3=None)
+    expected, _, expected_pooled, _ = pipe.encode_prompt(["a red fox"], None, None, do_classifier_free_guidance=False)
+    text, pooled = reference.text.encode(["a red fox"], torch.device("cpu"))
+    assert torch.equal(text, expected) and torch.equal(pooled, expected_pooled)
+
+    store = invert(model, pickapic["path"], tmp_path / "store.zarr", "--objectives", "inpo")
+    opened = CacheStore.open(store)
+    result = preference_metrics(load_unet(str(model)), opened, opened.valid_rows(), beta=100.0)
+    assert result["loss"] == pytest.approx(math.log(2), abs=2e-5)
+    sampled = runner.invoke(app, ["sample", "--model", str(model), "--prompts", str(prompts_file), "--out",
+                                  str(tmp_path / "samples"), "--steps", "2", "--resolution", "32"])
+    assert sampled.exit_code == 0, sampled.output

@@ -134,6 +134,10 @@ class Family:
         """Whether a pipeline's model_index.json belongs to this family."""
         raise NotImplementedError
 
+    def pipeline_kwargs(self, model: str) -> dict[str, Any]:
+        """Keywords of the family pipeline's from_pretrained for `model` (no safety checker, absent parts)."""
+        return dict(self.pipeline_extras)
+
     def diffusers_class(self, name: str | None = None) -> Any:
         import diffusers
 

@@ -32,6 +32,20 @@ class StableDiffusion3(FlowTransformerFamily):
     def matches(self, index: dict[str, Any]) -> bool:
         return index.get("_class_name", "").startswith("StableDiffusion3")
 
+    def text_pipeline(self, text: TextEncoders) -> Any:
+        """The text-only pipeline; without T5 its encode_prompt reads the transformer's
+        joint_attention_dim for the zeros that stand in, so it is given that config alone."""
+        pipeline = super().text_pipeline(text)
+        if text.parts.get("text_encoder_3") is None and pipeline.transformer is None:
+            from types import SimpleNamespace
+
+            from diffusers import SD3Transformer2DModel
+
+            config = SD3Transformer2DModel.load_config(text.model, subfolder=self.denoiser_folder)
+            # bypasses DiffusionPipeline.__setattr__, which would register the stand-in as a component
+            object.__setattr__(pipeline, "transformer", SimpleNamespace(config=SimpleNamespace(**config)))
+        return pipeline
+
     def encode_prompts(self, text: TextEncoders, texts: list[str],
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, _, pooled, _ = self.text_pipeline(text).encode_prompt(

@@ -38,6 +38,16 @@ class FlowTransformerFamily(Family):
     def default_beta(self, objective: str) -> float | None:
         return FLOW_BETA.get(objective)
 
+    def pipeline_kwargs(self, model: str) -> dict[str, Any]:
+        """An optional encoder the folder was saved without (SD3 without T5) is passed as None,
+        as diffusers' from_pretrained requires."""
+        index = load_json(model, "model_index.json")
+        absent: dict[str, Any] = {}
+        for tokenizer, encoder, _, _ in self.text_parts:
+            if encoder in self.optional_encoders and not (index.get(encoder) or [None])[0]:
+                absent.update({encoder: None, tokenizer: None})
+        return {**self.pipeline_extras, **absent}
+
     def load_text(self, model: str) -> TextEncoders:
         import transformers
 
