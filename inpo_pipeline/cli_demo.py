@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         rewards: Annotated[str, typer.Option(help="Rewards that label the data, comma-separated: colour, size, height, position, "
                                                   "brightness, contrast (docs/proof.md).")] = "colour,brightness",
         labels: Annotated[str, typer.Option(help="Labellings, comma-separated: reward (true), shuffled, reversed.")] = "reward,shuffled,reversed",
-        beta: Annotated[float | None, typer.Option(help="β of the InPO loss (default: the world family's, 2000 for the SD1.5 world; see docs/proof.md for flow).")] = None,
+        beta: Annotated[float | None, typer.Option(help="β of the InPO loss (default: the world family's: 2000 in the SD1.5 world, 100 in the flow world; docs/proof.md).")] = None,
         lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-5,
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
         batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step.")] = 16,
