@@ -35,3 +35,7 @@ bench-invert *args: install
 # Stage-two benchmark: cached vs online vs Diffusion-DPO vs floor (JSON report to stdout).
 bench-train *args: install
     {{bin}}/python benchmarks/bench_train.py {{args}}
+
+# Stage two's read path: loader rows/s and MB/s against a numpy memmap of the same bytes (JSON to stdout).
+bench-loader *args: install
+    OMP_NUM_THREADS=1 {{bin}}/python benchmarks/bench_loader.py {{args}}

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from benchmarks.common import SHAPES, build_shaped_pipeline, dump, machine  # noqa: E402
 from cache_schema import CacheStore  # noqa: E402
 from inpo_pipeline import ddim  # noqa: E402
-from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader  # noqa: E402
+from inpo_pipeline.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader  # noqa: E402
 from inpo_pipeline.data import open_source, prepare_image  # noqa: E402
 from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
 from inpo_pipeline.loss import inpo_loss  # noqa: E402
@@ -151,8 +151,8 @@ def main() -> None:
 
 
     # ---- (d) floor: forward + backward on the same kind of tensors, already on the device
-    fixed = MicroBatches(str(store_path), schedule, 0, 1)[0]
-    fixed = {k: v.to(device) for k, v in fixed.items()}
+    fixed = MicroBatches(str(store_path), schedule, 0, 1)[0][0]  # a read group of one micro-batch
+    fixed = denoiser_inputs(fixed, device)
 
     def floor_step(_index: int) -> None:
         with autocast():

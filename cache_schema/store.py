@@ -37,10 +37,16 @@ which lack the v3 baseline arrays, stay readable)::
                                                   seconds differ between runs, so "bit-identical"
                                                   stores are identical in every other array)
 
+Chunking: each row array keeps one object per row shard; inside it a chunk holds
+``layout.rows_per_chunk`` rows (new stores: the whole shard, so a block of rows costs one
+codec call and one checksum per array; stores of an earlier layout: one row per chunk).
+
 Write discipline (several processes, one store): every array is created at its final size
 before any writer starts; a writer owns whole shards and writes each one in a single
 assignment per array; the shard's ``done`` flag, which lives in its own object, is set only
-after all of its data is written. Group attributes are written by the creating process only.
+after all of its data is written. Group attributes are written by the creating process, and
+the completion time by a process that finds the store complete. Uncoordinated creators build in
+their own hidden siblings (`create(creator=…)`); the first rename wins.
 Every chunk carries a crc32c checksum, so a flipped byte fails on read.
 """
 
@@ -50,6 +56,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +86,7 @@ SHARD_STATS_WIDTH = 3
 EVERY_CHUNK = {"array.write_empty_chunks": True}
 EVERY_CHUNK_ATTRIBUTE = "every_chunk_written"
 DIAGNOSTIC_ARRAYS = ("done/shard_stats",)  # measurements of the run (seconds), not data
+PROMPT_CACHE_BYTES = 256 * 2**20  # per open store (each loader worker opens its own)
 
 
 class StoreError(Exception):
@@ -101,17 +109,28 @@ class StoreLayout:
     rows_per_shard: int = 64
     shards_per_window: int = 16
     prompts_per_chunk: int = 256
+    # rows per stored chunk of the per-row arrays; None: a whole shard, so a reader decodes and
+    # checksums a shard's rows in one codec call per array (stores of an earlier layout: 1)
+    rows_per_chunk: int | None = None
+    # prompt embeddings: one object per prompt (new stores: zarr reads one prompt of a shard
+    # 3–20× slower than one object, measured in docs/benchmarks.md) or one per prompt chunk
+    prompt_shards: bool = False
 
     def __post_init__(self) -> None:
         if self.size_conditioning is None:
             object.__setattr__(self, "size_conditioning", self.pooled_dim is not None)
+        if self.rows_per_chunk is None:
+            object.__setattr__(self, "rows_per_chunk", self.rows_per_shard)
         if self.storage_dtype not in STORAGE_DTYPES:
             raise StoreError(f"storage dtype {self.storage_dtype!r} is not one of {STORAGE_DTYPES}")
         if self.num_rows < 1:
             raise StoreError("a store needs at least one row")
-        for name in ("rows_per_shard", "shards_per_window", "prompts_per_chunk"):
+        for name in ("rows_per_shard", "shards_per_window", "prompts_per_chunk", "rows_per_chunk"):
             if getattr(self, name) < 1:
                 raise StoreError(f"{name} must be at least 1")
+        if self.rows_per_shard % int(self.rows_per_chunk) != 0:
+            # a chunk shared by two shards would be written by two writers
+            raise StoreError(f"rows_per_chunk {self.rows_per_chunk} must divide rows_per_shard {self.rows_per_shard}")
 
     @property
     def num_shards(self) -> int:
@@ -152,6 +171,8 @@ class StoreLayout:
         values = dict(data)
         values["latent_shape"] = tuple(values["latent_shape"])
         values["text_shape"] = tuple(values["text_shape"])
+        values.setdefault("rows_per_chunk", 1)  # stores written before the fields kept one row per chunk
+        values.setdefault("prompt_shards", True)  # and one shard object per prompt chunk
         return cls(**values)
 
 
@@ -223,6 +244,11 @@ class RowBatch:
     forward_error_rejected: np.ndarray | None = None
     sigma: np.ndarray | None = None  # flow stores: σ per row
 
+    def subset(self, positions: np.ndarray) -> RowBatch:
+        """The rows at `positions` of this batch (a block read once, handed out in micro-batches)."""
+        picked = {name: None if value is None else value[positions] for name, value in vars(self).items()}
+        return RowBatch(**picked)
+
 
 def _zarr_dtype(storage_dtype: str) -> str:
     # numpy has no bfloat16: such stores keep the raw 16 bits in uint16.
@@ -266,6 +292,36 @@ class CacheStore:
         self.path = path
         self.group = group
         self.layout = layout
+        self._arrays: dict[str, Any] = {}  # opened array handles (opening one reads its metadata)
+        self._whole: dict[str, np.ndarray] = {}  # small row arrays held whole (see _small_row_array)
+        self._frozen: bool | None = None
+        # decoded prompt embeddings kept by a reader of a complete store (a prompt is one object,
+        # ≈ 0.5 ms each through zarr): prompt index -> (text, pooled), least recently used first
+        self.prompt_cache_bytes = PROMPT_CACHE_BYTES
+        self._prompt_cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._prompt_cache_used = 0
+
+    def _array(self, path: str) -> Any:
+        if path not in self._arrays:
+            group, name = path.split("/")
+            self._arrays[path] = self.group[group][name]
+        return self._arrays[path]
+
+    def _is_frozen(self) -> bool:
+        """Open read-only on a complete store: nothing it reads can change any more."""
+        if self._frozen is None:
+            self._frozen = bool(self.group.read_only) and self.is_complete()
+        return self._frozen
+
+    def _small_row_array(self, name: str) -> np.ndarray | None:
+        """A small per-row array (plan, flags, errors: a few bytes per row) held whole in memory,
+        once the store is complete and open read-only — nothing can change it then; a reader of
+        blocks would otherwise pay a codec call per chunk for a few bytes. None otherwise."""
+        if not self._is_frozen():
+            return None
+        if name not in self._whole:
+            self._whole[name] = np.asarray(self._array(f"rows/{name}")[...])
+        return self._whole[name]
 
     # ------------------------------------------------------------------ creation / opening
     @staticmethod
@@ -302,12 +358,16 @@ class CacheStore:
         prompts: Sequence[str],
         *,
         compress: bool = True,
+        creator: str | None = None,
     ) -> CacheStore:
         """Create every array at its final size and write the row plan; one process only.
 
         The store is built in a hidden sibling folder and renamed into place when complete, so
         a creation killed at any moment leaves either no store or a whole one (a leftover
-        sibling is removed by the next creation).
+        sibling is removed by the next creation). Uncoordinated creators of the same store (the
+        workers of `inpo invert --worker`) each pass their own `creator` name: each builds in its
+        own sibling, and a whole store another creator put in place first is returned instead
+        (its settings are the caller's to compare).
         """
         path = Path(path)
         if len(plan.timestep) != layout.num_rows or len(prompts) != layout.num_prompts:
@@ -316,9 +376,11 @@ class CacheStore:
             raise StoreError("a flow store's plan needs σ per row, and only a flow store's plan has it")
         if prompts[0] != "":
             raise StoreError("prompt 0 must be the empty prompt")
+        if creator is not None and cls._whole_store_at(path):
+            return cls.open(path, mode="r+")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path} exists; remove it first (only an inpo store may be removed)")
-        building = path.with_name(f".{path.name}.creating")
+        building = path.with_name(f".{path.name}.creating" + (f"-{creator}" if creator is not None else ""))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(building, ignore_errors=True)
@@ -351,8 +413,23 @@ class CacheStore:
             os.replace(building, path)
         except OSError as error:
             shutil.rmtree(building, ignore_errors=True)
+            if creator is not None and cls._whole_store_at(path):
+                return cls.open(path, mode="r+")  # another creator renamed its store into place first
             raise StoreError(f"cannot create the store at {path}: {error.strerror or error}") from error
         return cls(path, zarr.open_group(str(path), mode="r+"), layout)
+
+    @classmethod
+    def _whole_store_at(cls, path: Path) -> bool:
+        return cls.exists(path) and cls.read_attributes(path).get("state") == "ready"
+
+    @classmethod
+    def remove_stale_builds(cls, path: str | Path) -> None:
+        """Remove the build siblings of killed creators once a whole store is in place. Safe even
+        while another creator still builds: its rename then fails and `create` returns this store."""
+        path = Path(path)
+        if cls._whole_store_at(path):
+            for sibling in path.parent.glob(f".{path.name}.creating*"):
+                shutil.rmtree(sibling, ignore_errors=True)
 
     def _create_arrays(self, compress: bool) -> None:
         layout = self.layout
@@ -361,13 +438,16 @@ class CacheStore:
         dtype = _zarr_dtype(layout.storage_dtype)
         rows = self.group.create_group("rows")
 
+        k = int(layout.rows_per_chunk)
+
         def row_array(name: str, tail: tuple[int, ...], array_dtype: str, zipped: bool) -> None:
-            # one inner chunk per row keeps a random row cheap; one shard object per row shard
+            # one object per row shard either way (a writer's unit); inside it, chunks of k rows:
+            # the trainer reads blocks of rows, so one chunk per shard is one codec call per read
+            grid: dict[str, Any] = {"chunks": (r, *tail)} if k == r else {"chunks": (k, *tail), "shards": (r, *tail)}
             rows.create_array(
                 name,
                 shape=(n, *tail),
-                chunks=(1, *tail),
-                shards=(r, *tail),
+                **grid,
                 dtype=array_dtype,
                 compressors=_codecs(zipped),
                 fill_value=0,
@@ -405,11 +485,15 @@ class CacheStore:
         prompts = self.group.create_group("prompts")
         p, q = layout.num_prompts, layout.prompts_per_chunk
         prompts.create_array("text", shape=(p,), chunks=(p,), dtype=str)
+
+        def prompt_grid(tail: tuple[int, ...]) -> dict[str, Any]:
+            # prompts are read one at a time, in any order: one chunk per prompt
+            return {"chunks": (1, *tail), "shards": (q, *tail)} if layout.prompt_shards else {"chunks": (1, *tail)}
+
         prompts.create_array(
             "embedding",
             shape=(p, *layout.text_shape),
-            chunks=(1, *layout.text_shape),
-            shards=(q, *layout.text_shape),
+            **prompt_grid(layout.text_shape),
             dtype=dtype,
             compressors=_codecs(compress),
             fill_value=0,
@@ -418,8 +502,7 @@ class CacheStore:
             prompts.create_array(
                 "pooled_embedding",
                 shape=(p, layout.pooled_dim),
-                chunks=(1, layout.pooled_dim),
-                shards=(q, layout.pooled_dim),
+                **prompt_grid((layout.pooled_dim,)),
                 dtype=dtype,
                 compressors=_codecs(False),
                 fill_value=0,
@@ -522,22 +605,56 @@ class CacheStore:
                 prompts["pooled_embedding"][span] = encode_storage(pooled, self.layout.storage_dtype)
             self.group["done"]["prompt_chunks"][chunk] = 1
 
-    def read_prompt_embeddings(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 text (and SDXL pooled) embeddings of prompts `indices`, as stored."""
+    def read_prompt_embeddings(self, indices: np.ndarray, decode: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 text (and SDXL pooled) embeddings of prompts `indices`, as stored (`decode=False`:
+        in the storage dtype, for `decode_storage`).
+
+        A read-only open of a complete store keeps up to `prompt_cache_bytes` of them (stored
+        dtype) and reads only the others.
+        """
         unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         self._require_prompt_objects(np.unique(unique // self.layout.prompts_per_chunk))
-        prompts = self.group["prompts"]
         dtype = self.layout.storage_dtype
-        text = decode_storage(prompts["embedding"].get_orthogonal_selection(unique), dtype)[inverse]
+        cache = self._prompt_cache if self.prompt_cache_bytes > 0 and self._is_frozen() else None
+        missing = unique if cache is None else np.array([i for i in unique.tolist() if i not in cache], dtype=np.int64)
+        text = self._array("prompts/embedding").get_orthogonal_selection(missing)
         pooled = None
         if self.layout.pooled_dim is not None:
-            stored = prompts["pooled_embedding"].get_orthogonal_selection(unique)
-            pooled = decode_storage(stored, dtype)[inverse]
-        return text, pooled
+            pooled = self._array("prompts/pooled_embedding").get_orthogonal_selection(missing)
+        if cache is None:
+            stored_text, stored_pooled = text, pooled
+        else:
+            fresh = {index: (text[k], None if pooled is None else pooled[k]) for k, index in enumerate(missing.tolist())}
+            rows = [fresh.get(index) or cache[index] for index in unique.tolist()]
+            stored_text = np.stack([row[0] for row in rows])
+            stored_pooled = None if pooled is None else np.stack([row[1] for row in rows])
+            for index in unique.tolist():
+                if index not in fresh:
+                    cache.move_to_end(index)
+            for index, entry in fresh.items():
+                self._cache_prompt(index, entry)
+        if not decode:
+            return stored_text[inverse], None if stored_pooled is None else stored_pooled[inverse]
+        return (decode_storage(stored_text, dtype)[inverse],
+                None if stored_pooled is None else decode_storage(stored_pooled, dtype)[inverse])
+
+    def _cache_prompt(self, index: int, entry: tuple[np.ndarray, np.ndarray | None]) -> None:
+        size = entry[0].nbytes + (0 if entry[1] is None else entry[1].nbytes)
+        if size > self.prompt_cache_bytes:
+            return
+        while self._prompt_cache and self._prompt_cache_used + size > self.prompt_cache_bytes:
+            _old, evicted = self._prompt_cache.popitem(last=False)
+            self._prompt_cache_used -= evicted[0].nbytes + (0 if evicted[1] is None else evicted[1].nbytes)
+        self._prompt_cache[index] = (entry[0].copy(), None if entry[1] is None else entry[1].copy())
+        self._prompt_cache_used += size
 
     # ------------------------------------------------------------------ completion flags
     def shards_done(self) -> np.ndarray:
         return np.asarray(self.group["done"]["shards"][:]).astype(bool)
+
+    def prompt_chunk_done(self, chunk: int) -> bool:
+        """One prompt chunk's flag, read now (another process may have set it since)."""
+        return bool(self.group["done"]["prompt_chunks"][chunk])
 
     def prompt_chunks_done(self) -> np.ndarray:
         return np.asarray(self.group["done"]["prompt_chunks"][:]).astype(bool)
@@ -583,11 +700,12 @@ class CacheStore:
         done["shards"][shard] = 1
 
     # ------------------------------------------------------------------ reads
-    def read_rows(self, indices: np.ndarray | slice, inputs: str = "inversion") -> RowBatch:
+    def read_rows(self, indices: np.ndarray | slice, inputs: str = "inversion", decode: bool = True) -> RowBatch:
         """Rows by index (any order); float32 values exactly as the trainer will see them.
 
         `inputs` says which training inputs to read: "inversion" (x_t, τ, e_ref: InPO),
-        "forward" (x0 and the forward-noised e_ref: Diffusion-DPO, SFT) or "all".
+        "forward" (x0 and the forward-noised e_ref: Diffusion-DPO, SFT) or "all". With
+        `decode=False` the latent arrays come as stored (`decode_storage` makes them float32).
         """
         if inputs not in ROW_INPUTS:
             raise ValueError(f"inputs must be one of {ROW_INPUTS}")
@@ -604,14 +722,17 @@ class CacheStore:
         sorted_indices = indices[order]
         restore = np.empty_like(order)
         restore[order] = np.arange(len(order))
-        rows = self.group["rows"]
         dtype = self.layout.storage_dtype
 
         def take(name: str) -> np.ndarray:
-            return np.asarray(rows[name].get_orthogonal_selection(sorted_indices))[restore]
+            if name not in LATENT_ARRAYS + CLEAN_ARRAYS:
+                whole = self._small_row_array(name)
+                if whole is not None:
+                    return whole[indices]
+            return np.asarray(self._array(f"rows/{name}").get_orthogonal_selection(sorted_indices))[restore]
 
         def take_latent(name: str) -> np.ndarray:
-            return decode_storage(take(name), dtype)
+            return decode_storage(take(name), dtype) if decode else take(name)
 
         sdxl = bool(self.layout.size_conditioning)
         inversion = inputs in ("inversion", "all")
@@ -703,14 +824,16 @@ class CacheStore:
         if not self.every_chunk_written:
             valid = np.asarray(rows["valid"][self.layout.shard_rows(shard)]).astype(bool)
             names = [n for n in names if n in LATENT_ARRAYS + CLEAN_ARRAYS] if valid.any() else []
-        return [f"rows/{name}/{self._object_key(rows[name], shard)}"
-                for name in names if not self._object_exists(rows[name], shard)]
+        return [f"rows/{name}/{self._object_key(self._array(f'rows/{name}'), shard)}"
+                for name in names if not self._object_exists(self._array(f"rows/{name}"), shard)]
 
     def missing_prompt_objects(self, chunk: int) -> list[str]:
         prompts = self.group["prompts"]
         names = [name for name in ("embedding", "pooled_embedding") if name in prompts]
-        return [f"prompts/{name}/{self._object_key(prompts[name], chunk)}"
-                for name in names if not self._object_exists(prompts[name], chunk)]
+        span = self.layout.prompt_chunk(chunk)
+        objects = [chunk] if self.layout.prompt_shards else range(span.start, span.stop)
+        return [f"prompts/{name}/{self._object_key(prompts[name], index)}"
+                for name in names for index in objects if not self._object_exists(prompts[name], index)]
 
     def _lost(self, missing: list[str]) -> StoreError:
         return StoreError(

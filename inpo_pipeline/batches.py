@@ -3,7 +3,8 @@
 The schedule is a pure function of (seed, epoch, micro-batch index, rank), so a resumed run
 reads exactly the batches an uninterrupted one would, and the ranks of one step together cover
 a global batch in which every row appears once per epoch. Prompt dropout is a per-(row, epoch)
-hash too: no random state to save.
+hash too: no random state to save. The default order follows the store's blocks, so that the
+loader reads a shuffle buffer's rows in one read per array (`BatchSchedule`, `MicroBatches`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_schema import CacheStore, StoreError
+from cache_schema import CacheStore, RowBatch, StoreError, decode_storage
 from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 from inpo_pipeline.plan import forward_noise, row_keys
 from inpo_pipeline.processes import Process, process_from_settings
 
 
+DATA_ORDERS = ("blocks", "rows")
+DEFAULT_SHUFFLE_BUFFER = 1024  # rows shuffled together, over all ranks; each rank reads its 1/P at once
+
+
 @dataclass(frozen=True)
 class BatchSchedule:
-    """Micro-batches of `batch_size` rows per rank, drawn without replacement per epoch."""
+    """Micro-batches of `batch_size` rows per rank, drawn without replacement per epoch.
+
+    Two orders. "rows" permutes every usable row and gives rank r every P-th row of each global
+    batch. "blocks" (the default) reads the way the store is laid out: the usable rows are cut
+    into blocks of `block_rows` consecutive rows (boundaries rotated by a seeded offset each
+    epoch, so rows do not always meet the same neighbours), the blocks are permuted, and every
+    window of about `shuffle_buffer` rows of that sequence (a whole number of global batches) is
+    shuffled into global batches — the same batches for any P at the same global batch. Rank r takes the r-th B rows of each batch
+    in block order, so its rows cluster in the r-th part of the window (the tighter, the larger
+    the global batch), and it reads them once. Rows are permuted when the store is created, so a block is a random sample.
+    """
 
     rows: np.ndarray  # the store's usable rows (finished and valid), sorted
     batch_size: int
@@ -30,6 +45,15 @@ class BatchSchedule:
     process_index: int
     seed: int
     prompt_dropout: float
+    order: str = "blocks"
+    block_rows: int = 64
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+
+    def __post_init__(self) -> None:
+        if self.order not in DATA_ORDERS:
+            raise ValueError(f"order must be one of {DATA_ORDERS}")
+        if self.block_rows < 1 or self.shuffle_buffer < 1:
+            raise ValueError("block_rows and shuffle_buffer must be at least 1")
 
     @property
     def global_batch(self) -> int:
@@ -39,22 +63,59 @@ class BatchSchedule:
     def micro_batches_per_epoch(self) -> int:
         return len(self.rows) // self.global_batch
 
+    @property
+    def micro_batches_per_group(self) -> int:
+        """Consecutive micro-batches one read serves (a shuffle window's worth)."""
+        return max(1, self.shuffle_buffer // self.global_batch)
+
     _orders: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The rows in this epoch's seeded order (the latest epoch's order is kept)."""
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's rows of `epoch`, micro-batch by micro-batch: shape (micro-batches, B).
+        The latest epoch's is kept."""
         if epoch not in self._orders:
             self._orders.clear()
-            self._orders[epoch] = self.rows[np.random.default_rng([self.seed, 13, epoch]).permutation(len(self.rows))]
+            self._orders[epoch] = self._blocks(epoch) if self.order == "blocks" else self._rows(epoch)
         return self._orders[epoch]
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        used = self.micro_batches_per_epoch * self.global_batch
+        order = self.rows[np.random.default_rng([self.seed, 13, epoch]).permutation(len(self.rows))][:used]
+        steps = order.reshape(self.micro_batches_per_epoch, self.global_batch)
+        return np.ascontiguousarray(steps[:, self.process_index :: self.num_processes])
+
+    def _blocks(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 19, epoch])
+        count, size = len(self.rows), self.block_rows
+        rotated = np.roll(self.rows, -int(rng.integers(size)))
+        blocks = [rotated[start : start + size] for start in range(0, count, size)]
+        sequence = np.concatenate([blocks[b] for b in rng.permutation(len(blocks))])
+        sequence = sequence[: self.micro_batches_per_epoch * self.global_batch]
+        group = self.micro_batches_per_group * self.global_batch
+        first, last = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
+        parts = []
+        for window, start in enumerate(range(0, len(sequence), group)):
+            rows = sequence[start : start + group]  # a multiple of the global batch
+            # global batches: a shuffle of the window, the same for any number of ranks
+            positions = np.random.default_rng([self.seed, 23, epoch, window]).permutation(len(rows))
+            steps = np.sort(positions.reshape(-1, self.global_batch), axis=1)
+            # rank r takes the r-th B of each batch in block order: its rows cluster in the r-th
+            # part of the window, so a rank reads fewer of the window's blocks
+            parts.append(rows[steps[:, first:last]])
+        return np.concatenate(parts)
 
     def micro_batch(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(store rows, prompt-dropped flags, epoch) of this rank's micro-batch `index`."""
         epoch, position = divmod(index, self.micro_batches_per_epoch)
-        order = self.epoch_order(epoch)
-        step_rows = order[position * self.global_batch : (position + 1) * self.global_batch]
-        mine = step_rows[self.process_index :: self.num_processes]
+        mine = self.rank_order(epoch)[position]
         return mine, self.dropped(mine, epoch), epoch
+
+    def group_of(self, index: int) -> range:
+        """The micro-batches read together with micro-batch `index` (one shuffle buffer, in one epoch)."""
+        epoch, position = divmod(index, self.micro_batches_per_epoch)
+        first = epoch * self.micro_batches_per_epoch + position - position % self.micro_batches_per_group
+        last = min(first + self.micro_batches_per_group, (epoch + 1) * self.micro_batches_per_epoch)
+        return range(first, last)
 
     def dropped(self, rows: np.ndarray, epoch: int) -> np.ndarray:
         """Which rows train on the empty prompt this epoch (probability `prompt_dropout`)."""
@@ -69,11 +130,60 @@ def read_micro_batch(
     store: CacheStore, rows: np.ndarray, dropped: np.ndarray, objective: str = DEFAULT_OBJECTIVE,
     process: Process | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Everything one training micro-batch of `objective` needs, as float32 tensors.
+    """Everything one training micro-batch of `objective` needs, read from the store."""
+    return assemble_micro_batch(store, store.read_rows(rows, inputs=_row_inputs(objective), decode=False), dropped,
+                                objective, process)
 
-    latents/targets/labels/text (and pooled, SDXL time_ids, FLUX guidance) hold the B chosen
-    images, then, for pairwise objectives, the B rejected ones; reference errors are picked for
-    the prompt each row trains with. InPO reads the inverted x_t and its target; the
+
+def read_micro_batch_group(
+    store: CacheStore, picks: list[tuple[np.ndarray, np.ndarray]], objective: str = DEFAULT_OBJECTIVE,
+    process: Process | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Several micro-batches ((rows, dropped) each) from one read of all their rows: on a store
+    whose chunks are whole shards, each stored block is decoded and checksummed once."""
+    wanted = np.concatenate([rows for rows, _dropped in picks])
+    unique, inverse = np.unique(wanted, return_inverse=True)
+    block = store.read_rows(unique, inputs=_row_inputs(objective), decode=False)
+    # every prompt the group trains with, read once (a prompt is one stored chunk)
+    prompt_indices = np.unique(np.concatenate([block.prompt_index, [0]]))
+    embeddings = PromptEmbeddings(prompt_indices, *store.read_prompt_embeddings(prompt_indices, decode=False))
+    process = process or process_from_settings(store.settings)
+    bounds = np.cumsum([0] + [len(rows) for rows, _dropped in picks])
+    return [assemble_micro_batch(store, block.subset(inverse[bounds[i]:bounds[i + 1]]), dropped, objective, process,
+                                 embeddings)
+            for i, (_rows, dropped) in enumerate(picks)]
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """Stored embeddings (storage dtype) of the prompts `indices` (sorted), already read."""
+
+    indices: np.ndarray
+    text: np.ndarray
+    pooled: np.ndarray | None
+
+    def take(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        position = np.searchsorted(self.indices, prompts)
+        return self.text[position], None if self.pooled is None else self.pooled[position]
+
+
+def _row_inputs(objective: str) -> str:
+    return "inversion" if OBJECTIVES[objective].inputs == INVERSION_INPUTS else "forward"
+
+
+def assemble_micro_batch(
+    store: CacheStore, batch: RowBatch, dropped: np.ndarray, objective: str = DEFAULT_OBJECTIVE,
+    process: Process | None = None, embeddings: PromptEmbeddings | None = None,
+) -> dict[str, torch.Tensor]:
+    """Everything one training micro-batch of `objective` needs, as tensors, from its rows (read
+    with `decode=False`).
+
+    latents/targets/labels (and SDXL time_ids, FLUX guidance) hold the B chosen images, then, for
+    pairwise objectives, the B rejected ones; text (and pooled) hold the B prompts once, for the
+    denoiser call to repeat on the device. Stored values stay in the storage dtype (latents and
+    targets of InPO, text, pooled) — half the bytes through the loader, and exact: the denoiser
+    call converts them to float32 on the device (`policy`); computed ones are float32. Reference
+    errors are picked for the prompt each row trains with. InPO reads the inverted x_t and its target; the
     forward-noised objectives read x0, regenerate ε from the store's seed and form x_t and the
     target here through the store's process, exactly as stage one did when it cached their
     reference errors (DESIGN §1.7, §1.8). `labels` are what the denoiser is called with (integer
@@ -81,18 +191,18 @@ def read_micro_batch(
     """
     spec = OBJECTIVES[objective]
     process = process or process_from_settings(store.settings)
+    rows = batch.indices
     picked, column = np.arange(len(rows)), dropped.astype(np.int64)
+    dtype = store.layout.storage_dtype
     if spec.inputs == INVERSION_INPUTS:
-        batch = store.read_rows(rows)
         images = [(batch.latent_chosen, batch.target_chosen, batch.reference_error_chosen, batch.time_ids_chosen),
                   (batch.latent_rejected, batch.target_rejected, batch.reference_error_rejected,
                    batch.time_ids_rejected)]
     else:
-        batch = store.read_rows(rows, inputs="forward")
         assert batch.clean_chosen is not None and batch.clean_rejected is not None
         noise = torch.from_numpy(forward_noise(store.settings["seed"], batch.source_row, batch.draw,
                                                store.layout.latent_shape))
-        clean = torch.from_numpy(np.stack([batch.clean_chosen, batch.clean_rejected], axis=1))
+        clean = torch.from_numpy(decode_storage(np.stack([batch.clean_chosen, batch.clean_rejected], axis=1), dtype))
         latents = process.forward_latents(clean, noise, batch.timestep, batch.sigma).float().numpy()
         targets = process.forward_target(clean, noise, batch.timestep, batch.sigma).float().numpy()
         images = [(latents[:, 0], targets[:, 0], batch.forward_error_chosen, batch.time_ids_chosen),
@@ -100,22 +210,22 @@ def read_micro_batch(
     if not spec.pairwise:
         images = images[:1]
     prompt = np.where(dropped, 0, batch.prompt_index)
-    text, pooled = store.read_prompt_embeddings(prompt)
+    text, pooled = embeddings.take(prompt) if embeddings is not None else store.read_prompt_embeddings(prompt, decode=False)
     copies = len(images)
     labels = process.labels(batch.timestep, batch.sigma)
     result: dict[str, Any] = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
-        "latents": torch.from_numpy(np.ascontiguousarray(np.concatenate([image[0] for image in images]))),
-        "targets": torch.from_numpy(np.ascontiguousarray(np.concatenate([image[1] for image in images]))),
+        "latents": stored_tensor(np.concatenate([image[0] for image in images]), dtype),
+        "targets": stored_tensor(np.concatenate([image[1] for image in images]), dtype),
         "timesteps": labels.repeat(copies),
-        "text": torch.from_numpy(np.concatenate([text] * copies)),
+        "text": stored_tensor(text, dtype),
         "reference_error_chosen": torch.from_numpy(images[0][2][picked, column]),
         "dropped": torch.from_numpy(dropped),
     }
     if spec.pairwise:
         result["reference_error_rejected"] = torch.from_numpy(images[1][2][picked, column])
     if pooled is not None:
-        result["pooled"] = torch.from_numpy(np.concatenate([pooled] * copies))
+        result["pooled"] = stored_tensor(pooled, dtype)
     if store.layout.size_conditioning:
         assert all(image[3] is not None for image in images)
         result["time_ids"] = torch.from_numpy(np.concatenate([image[3] for image in images]))
@@ -125,8 +235,34 @@ def read_micro_batch(
     return result
 
 
+def denoiser_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A loader micro-batch as the denoiser takes it, on `device`: latents, targets, text and
+    pooled in float32 (exact: they were stored in a narrower float), the prompts repeated for the
+    rejected images; the other entries moved as they are."""
+    latents = batch["latents"].to(device).float()
+    copies = len(latents) // len(batch["rows"])
+    inputs: dict[str, Any] = {name: None if value is None else value.to(device) for name, value in batch.items()}
+    inputs["latents"] = latents
+    inputs["targets"] = batch["targets"].to(device).float()
+    inputs["text"] = batch["text"].to(device).float().repeat(copies, 1, 1)
+    if batch.get("pooled") is not None:
+        inputs["pooled"] = batch["pooled"].to(device).float().repeat(copies, 1)
+    return inputs
+
+
+def stored_tensor(values: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """A tensor of the values as stored (bfloat16 from its raw 16 bits); float32 arrays (the
+    computed inputs of the forward objectives) pass through."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.uint16 and storage_dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
 class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batches `start`, `start + 1`, … of a schedule; item i is a whole micro-batch.
+    """Micro-batches `start`, … `start + count − 1` of a schedule, in read groups: item i is the
+    list of consecutive micro-batches that one read of the store serves (see
+    `BatchSchedule.group_of`); the loader hands them out one at a time.
 
     The store is opened lazily in each worker process (workers are spawned, not forked: zarr's
     I/O runs an event loop thread that a fork would copy in an unknown state).
@@ -140,16 +276,28 @@ class MicroBatches(torch.utils.data.Dataset):
         self.schedule = schedule
         self.start = start
         self.count = count
+        self.groups: list[range] = []
+        index, stop = start, start + count
+        while index < stop:
+            group = schedule.group_of(index)
+            self.groups.append(range(index, min(group.stop, stop)))
+            index = self.groups[-1].stop
         self._store: CacheStore | None = None
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.groups)
 
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+        """The group's micro-batches; in a worker process stacked key by key, so that one tensor
+        per key crosses to the trainer rather than one per micro-batch. `micro_batch_loader`
+        hands them out one by one either way."""
         if self._store is None:
             self._store = CacheStore.open(self.store_path)
-        rows, dropped, _epoch = self.schedule.micro_batch(self.start + item)
-        return read_micro_batch(self._store, rows, dropped, self.objective, self.process)
+        picks = [self.schedule.micro_batch(index)[:2] for index in self.groups[item]]
+        batches = read_micro_batch_group(self._store, picks, self.objective, self.process)
+        if torch.utils.data.get_worker_info() is None:
+            return batches
+        return {name: torch.stack([batch[name] for batch in batches]) for name in batches[0]}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -158,10 +306,11 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErrors":
-    """In-order loader of whole micro-batches, with spawned workers prefetching ahead."""
+    """In-order loader of micro-batches, with spawned workers reading read groups ahead."""
     extra: dict[str, Any] = {}
     if num_workers > 0:
-        extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 4}
+        # an item is a whole read group (a rank's share of a shuffle window): one ahead per worker
+        extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 1}
     return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
                                                       num_workers=num_workers, **extra))
 
@@ -173,12 +322,14 @@ class _OneLineErrors:
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def __iter__(self) -> Any:
         try:
-            yield from self.loader
+            for group in self.loader:
+                if isinstance(group, list):
+                    yield from group
+                else:
+                    for index in range(len(group["rows"])):
+                        yield {name: values[index] for name, values in group.items()}
         except StoreError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise StoreError(lines[-1].split("StoreError: ", 1)[-1] if lines else str(error)) from None

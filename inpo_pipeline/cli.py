@@ -36,10 +36,11 @@ def _user_errors(function: F) -> F:
         from inpo_pipeline.data import DataError
         from inpo_pipeline.errors import UserError
         from inpo_pipeline.models import ModelError
+        from inpo_pipeline.processes import ProcessError
 
         try:
             return function(*args, **kwargs)
-        except (UserError, DataError, ModelError, StoreError) as error:
+        except (UserError, DataError, ModelError, StoreError, ProcessError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -82,6 +83,9 @@ def invert(
     rows_per_shard: Annotated[int, typer.Option(help="Rows per shard (one writer owns a shard).")] = 64,
     shards_per_window: Annotated[int, typer.Option(help="Shards per window (rows are shuffled within a window).")] = 16,
     device: Annotated[str | None, typer.Option(help="torch device (default: accelerate's choice).")] = None,
+    columns: Annotated[str | None, typer.Option(help="Another dataset's columns for the pair's roles: prompt=COL,chosen=COL,rejected=COL, or caption=…,jpg_0=…,jpg_1=…,label_0=…,label_1=… (Pick-a-Pic's names are the default).")] = None,
+    worker: Annotated[int | None, typer.Option(help="Uncoordinated workers (SLURM arrays, spot machines): this worker's index, 0 … --workers − 1. Each fills its own share with no process group; `inpo invert` without --worker afterwards finishes what a lost worker left.")] = None,
+    workers: Annotated[int | None, typer.Option(help="How many uncoordinated workers share the store (with --worker).")] = None,
 ) -> None:
     """Invert a preference dataset once with the reference model and write the cache store."""
     from stages.invert import InvertOptions, run_invert
@@ -94,7 +98,7 @@ def invert(
         logit_std=logit_std, timesteps_per_pair=timesteps_per_pair,
         objectives=objectives, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype, seed=seed, unet=unet,
         vae=vae, overwrite=overwrite, rows_per_shard=rows_per_shard,
-        shards_per_window=shards_per_window, device=device,
+        shards_per_window=shards_per_window, device=device, worker=worker, workers=workers, columns=columns,
     )
     from inpo_pipeline.distributed import process_state
 
@@ -113,6 +117,10 @@ def invert(
                           f"({human_bytes(summary['bytes_per_row'])}/row)"),
     ])
     if not summary["complete"]:
+        if workers is not None:
+            reporter.line(f"worker {worker} of {workers}: its share is done; the store completes when every worker "
+                          "has finished (run `inpo invert` without --worker to finish what a lost worker left)")
+            return
         raise typer.Exit(1)
 
 
@@ -144,6 +152,14 @@ def train(
     winner_preserving: Annotated[float | None, typer.Option(
         help="μ in [0, 1]: scale the loser's gradient so the winners' error does not rise (Diffusion-SDPO's "
              "safeguard; they use 0.9). Off by default, as in the authors' InPO.")] = None,
+    data_order: Annotated[str, typer.Option(
+        help="blocks: stored blocks of rows, shuffled within a buffer per process (reads at disk speed); "
+             "rows: a full permutation of the rows every epoch (random reads).")] = "blocks",
+    shuffle_buffer: Annotated[int, typer.Option(help="Rows shuffled together (--data-order blocks), over all "
+                                                     "processes; each reads its share at once, so host memory "
+                                                     "grows with it.")] = 1024,
+    report_to: Annotated[str, typer.Option(help="Also log every step's metrics to tensorboard, wandb or all (accelerate's "
+                                                "trackers, files in --out; pip install 'inpo[trackers]'), or none.")] = "none",
 ) -> None:
     """Train the policy UNet from a cache store alone (DDIM-InPO loss, or a baseline)."""
     from inpo_pipeline.distributed import process_state
@@ -156,6 +172,7 @@ def train(
         gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume, seed=seed,
         export_pipeline=export_pipeline, num_workers=num_workers, winner_preserving=winner_preserving,
+        data_order=data_order, shuffle_buffer=shuffle_buffer, report_to=report_to,
     )
     reporter = Reporter(enabled=process_state().is_main_process)
     result = run_train(options, reporter)
@@ -233,6 +250,7 @@ def cache_info(
         *(("warning", warning) for warning in store_warnings(settings)),
         ("resolution / dtype", f"{settings['resolution']} px, latents {tuple(summary['layout']['latent_shape'])} "
                                f"stored as {settings['storage_dtype']}"),
+        ("chunking", _describe_chunking(summary["layout"])),
         ("denoiser work", f"{summary['unet_row_evaluations']:.0f} row evaluations, "
                       f"padding/idle share {1 - summary['unet_row_evaluations'] / max(summary['padded_row_evaluations'], 1):.1%}"),
         ("bytes on disk", f"{human_bytes(summary['bytes_on_disk'])}: {human_bytes(summary['bytes_per_row'])}/row "
@@ -241,6 +259,16 @@ def cache_info(
         ("created", f"{provenance.get('created_at')} by inpo {provenance.get('inpo_version')}"
                     + (f", completed {provenance['completed_at']}" if provenance.get("completed_at") else "")),
     ])
+
+
+def _describe_chunking(layout: dict) -> str:
+    rows_per_chunk = layout.get("rows_per_chunk", 1)
+    rows = (f"{layout['rows_per_shard']} rows per shard object, one chunk per shard" if rows_per_chunk == layout["rows_per_shard"]
+            else f"{layout['rows_per_shard']} rows per shard object in chunks of {rows_per_chunk} (an earlier layout: "
+                 "training reads it more slowly)")
+    prompts = "one prompt per object" if not layout.get("prompt_shards", True) else \
+        f"{layout['prompts_per_chunk']} prompts per shard object"
+    return f"{rows}; {prompts}"
 
 
 @cache_app.command("verify")
@@ -276,6 +304,22 @@ def example(
     from stages.example import run_example
 
     run_example(out, pairs=pairs, family=family, steps=steps, reporter=Reporter())
+
+
+@app.command()
+@_user_errors
+def export(
+    run: Annotated[str, typer.Argument(help="The --out folder of a finished `inpo train` run.")],
+    out: Annotated[str, typer.Option(help="Where to write: a folder (diffusers) or a .safetensors file (kohya, comfyui).")],
+    format: Annotated[str, typer.Option(help="diffusers: the LoRA folder, or a full run's pipeline folder; kohya / "
+                                             "comfyui: a LoRA as one kohya-layout file (A1111, ComfyUI, SD.Next).")] = "diffusers",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Write a finished run's weights in the format another tool loads."""
+    from stages.export import ExportOptions, run_export
+
+    result = run_export(ExportOptions(run=run, out=out, format=format, overwrite=overwrite))
+    Reporter().table("inpo export", [(key, str(value)) for key, value in result.items()])
 
 
 def _register_commands() -> None:

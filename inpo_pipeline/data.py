@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+COLUMN_ROLES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "chosen", "rejected")
+COLUMN_ALIASES = {"prompt": "caption"}
 MANIFEST_PROMPT_COLUMNS = ("prompt", "caption")
 MANIFEST_COLUMNS = ("chosen", "rejected")
 
@@ -54,6 +56,99 @@ class PairRecord:
     caption: str
     chosen: bytes | None
     rejected: bytes | None
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns of a parquet or hub dataset play the pair's roles (`--columns`).
+
+    Either Pick-a-Pic's labelled layout (two images and a label each; equal labels are a tie)
+    or a chosen/rejected layout (the chosen image is preferred; no ties). The default is
+    Pick-a-Pic's own column names.
+    """
+
+    caption: str = "caption"
+    jpg_0: str | None = "jpg_0"
+    jpg_1: str | None = "jpg_1"
+    label_0: str | None = "label_0"
+    label_1: str | None = "label_1"
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.chosen is None
+
+    @property
+    def image_columns(self) -> tuple[str, str]:
+        first, second = (self.jpg_0, self.jpg_1) if self.labelled else (self.chosen, self.rejected)
+        assert first is not None and second is not None
+        return first, second
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        return (self.label_0, self.label_1) if self.labelled else ()  # type: ignore[return-value]
+
+    @property
+    def scan_columns(self) -> list[str]:
+        return [self.caption, *self.label_columns]
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.caption, *self.image_columns, *self.label_columns]
+
+    def preferred(self, labels: Sequence[Any]) -> int | None:
+        """0 or 1 (which image column holds the preferred image), None for a tie."""
+        return _preference(*labels) if self.labelled else 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The mapping as recorded in a store; empty for Pick-a-Pic's own names."""
+        return {} if self == ColumnMap() else {k: v for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> ColumnMap:
+        if not data:
+            return cls()
+        if "chosen" in data:
+            return cls(caption=data.get("caption", "caption"), jpg_0=None, jpg_1=None, label_0=None, label_1=None,
+                       chosen=data["chosen"], rejected=data["rejected"])
+        return cls(**data)
+
+
+def parse_columns(text: str | None) -> ColumnMap:
+    """`prompt=COL,chosen=COL,rejected=COL` or `caption=…,jpg_0=…,jpg_1=…,label_0=…,label_1=…`
+    (any role left out keeps Pick-a-Pic's name)."""
+    if not text:
+        return ColumnMap()
+    given: dict[str, str] = {}
+    for part in text.split(","):
+        role, sep, column = (piece.strip() for piece in part.partition("="))
+        role = COLUMN_ALIASES.get(role, role)
+        if not sep or not column or role not in COLUMN_ROLES:
+            raise DataError(f"--columns {text!r}: each entry is ROLE=COLUMN with ROLE one of prompt, "
+                            f"{', '.join(COLUMN_ROLES[1:])} (e.g. prompt=text,chosen=win,rejected=lose)")
+        if role in given:
+            raise DataError(f"--columns {text!r} names {role} twice")
+        given[role] = column
+    chosen_layout = "chosen" in given or "rejected" in given
+    if chosen_layout:
+        if not ("chosen" in given and "rejected" in given):
+            raise DataError(f"--columns {text!r}: chosen and rejected go together")
+        if any(role in given for role in ("jpg_0", "jpg_1", "label_0", "label_1")):
+            raise DataError(f"--columns {text!r}: give either chosen/rejected or jpg_0/jpg_1/label_0/label_1, not both")
+        return ColumnMap(caption=given.get("caption", "caption"), jpg_0=None, jpg_1=None, label_0=None, label_1=None,
+                         chosen=given["chosen"], rejected=given["rejected"])
+    return ColumnMap(**given)
+
+
+def _missing_columns(columns: ColumnMap, names: Iterable[str], where: str) -> DataError | None:
+    missing = [c for c in columns.columns if c not in set(names)]
+    if not missing:
+        return None
+    return DataError(
+        f"{where} lacks column(s) {', '.join(missing)}; map the pair's roles with --columns "
+        "(e.g. --columns prompt=text,chosen=win,rejected=lose), or give a JSONL/CSV manifest"
+    )
 
 
 def _preference(label_0: Any, label_1: Any) -> int | None:
@@ -84,29 +179,29 @@ class PairSource(ABC):
 
 # ---------------------------------------------------------------------------- parquet
 class ParquetSource(PairSource):
-    """Pick-a-Pic v2 parquet files: columns caption, jpg_0, jpg_1 (bytes), label_0, label_1."""
+    """Parquet files: Pick-a-Pic v2's columns caption, jpg_0, jpg_1 (bytes), label_0, label_1,
+    or others mapped to those roles (`ColumnMap`); images as bytes or {"bytes", "path"} structs."""
 
     kind = "parquet"
 
-    def __init__(self, files: Sequence[Path], split: str | None) -> None:
+    def __init__(self, files: Sequence[Path], split: str | None, columns: ColumnMap | None = None) -> None:
         import pyarrow.parquet as pq
 
         self.files = [Path(f) for f in files]
         self.split = split
+        self.columns = columns or ColumnMap()
         self._row_groups: list[tuple[int, int, int, int]] = []  # (start, stop, file, group)
         start = 0
         for file_index, path in enumerate(self.files):
             try:
-                metadata = pq.ParquetFile(path).metadata
+                parquet = pq.ParquetFile(path)
+                metadata = parquet.metadata
             except Exception as error:
                 raise DataError(f"{path} is not a readable parquet file ({error})") from error
-            names = set(metadata.schema.names)
-            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+            # top-level fields (an image struct {bytes, path} is one column; the parquet schema lists its leaves)
+            missing = _missing_columns(self.columns, parquet.schema_arrow.names, str(path))
             if missing:
-                raise DataError(
-                    f"{path} lacks column(s) {', '.join(missing)}; Pick-a-Pic parquet needs "
-                    f"{', '.join(PICKAPIC_COLUMNS)} (or give a JSONL/CSV manifest)"
-                )
+                raise missing
             for group in range(metadata.num_row_groups):
                 rows = metadata.row_group(group).num_rows
                 self._row_groups.append((start, start + rows, file_index, group))
@@ -114,12 +209,15 @@ class ParquetSource(PairSource):
         self.num_rows = start
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "kind": self.kind,
             "split": self.split,
             "files": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in self.files],
             "rows": self.num_rows,
         }
+        if self.columns.to_json():  # Pick-a-Pic's own names leave the identity as it always was
+            identity["columns"] = self.columns.to_json()
+        return identity
 
     def scan(self) -> Iterator[ScannedRow]:
         import pyarrow.parquet as pq
@@ -127,12 +225,12 @@ class ParquetSource(PairSource):
         source_row = 0
         for path in self.files:
             reader = pq.ParquetFile(path)
-            for batch in reader.iter_batches(batch_size=8192, columns=["caption", "label_0", "label_1"]):
-                captions = batch.column("caption").to_pylist()
-                first = batch.column("label_0").to_pylist()
-                second = batch.column("label_1").to_pylist()
-                for caption, label_0, label_1 in zip(captions, first, second):
-                    yield ScannedRow(source_row, caption or "", _preference(label_0, label_1) is None)
+            for batch in reader.iter_batches(batch_size=8192, columns=self.columns.scan_columns):
+                captions = batch.column(self.columns.caption).to_pylist()
+                labels = [batch.column(name).to_pylist() for name in self.columns.label_columns]
+                for offset, caption in enumerate(captions):
+                    preferred = self.columns.preferred([column[offset] for column in labels])
+                    yield ScannedRow(source_row, caption or "", preferred is None)
                     source_row += 1
 
     def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
@@ -148,16 +246,17 @@ class ParquetSource(PairSource):
             start, _stop, file_index, group = self._row_groups[int(group_index)]
             reader = readers.setdefault(file_index, pq.ParquetFile(self.files[file_index]))
             local = wanted[group_of == group_index] - start
-            table = reader.read_row_group(group, columns=list(PICKAPIC_COLUMNS)).take(local)
-            columns = {name: table.column(name).to_pylist() for name in PICKAPIC_COLUMNS}
+            mapping = self.columns
+            table = reader.read_row_group(group, columns=mapping.columns).take(local)
+            columns = {name: table.column(name).to_pylist() for name in mapping.columns}
             for offset, source_row in enumerate(wanted[group_of == group_index]):
-                preferred = _preference(columns["label_0"][offset], columns["label_1"][offset])
+                preferred = mapping.preferred([columns[name][offset] for name in mapping.label_columns])
                 if preferred is None:
                     raise DataError(f"source row {source_row} is a tie; the data changed since the store was planned")
-                images = (columns["jpg_0"][offset], columns["jpg_1"][offset])
+                images = tuple(_as_bytes(columns[name][offset]) for name in mapping.image_columns)
                 yield PairRecord(
                     int(source_row),
-                    columns["caption"][offset] or "",
+                    columns[mapping.caption][offset] or "",
                     images[preferred],
                     images[1 - preferred],
                 )
@@ -170,7 +269,8 @@ class HubSource(PairSource):
 
     kind = "hub"
 
-    def __init__(self, dataset_id: str, split: str) -> None:
+    def __init__(self, dataset_id: str, split: str, columns: ColumnMap | None = None) -> None:
+        self.columns = columns or ColumnMap()
         try:
             import datasets
         except ImportError as error:
@@ -183,10 +283,10 @@ class HubSource(PairSource):
             dataset = datasets.load_dataset(dataset_id, split=split)
         except Exception as error:
             raise DataError(f"cannot load dataset {dataset_id!r} split {split!r}: {error}") from error
-        missing = [c for c in PICKAPIC_COLUMNS if c not in dataset.column_names]
+        missing = _missing_columns(self.columns, dataset.column_names, f"dataset {dataset_id}")
         if missing:
-            raise DataError(f"dataset {dataset_id} lacks column(s) {', '.join(missing)}")
-        for column in ("jpg_0", "jpg_1"):
+            raise missing
+        for column in self.columns.image_columns:
             feature = dataset.features[column]
             if isinstance(feature, datasets.Image):
                 dataset = dataset.cast_column(column, datasets.Image(decode=False))
@@ -194,27 +294,34 @@ class HubSource(PairSource):
         self.fingerprint = getattr(dataset, "_fingerprint", None)
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dataset": self.dataset_id, "split": self.split,
-                "rows": len(self.dataset), "fingerprint": self.fingerprint}
+        identity = {"kind": self.kind, "dataset": self.dataset_id, "split": self.split,
+                    "rows": len(self.dataset), "fingerprint": self.fingerprint}
+        if self.columns.to_json():
+            identity["columns"] = self.columns.to_json()
+        return identity
 
     def scan(self) -> Iterator[ScannedRow]:
-        cheap = self.dataset.select_columns(["caption", "label_0", "label_1"])
+        mapping = self.columns
+        cheap = self.dataset.select_columns(mapping.scan_columns)
         source_row = 0
         for batch in cheap.iter(batch_size=8192):
-            for caption, label_0, label_1 in zip(batch["caption"], batch["label_0"], batch["label_1"]):
-                yield ScannedRow(source_row, caption or "", _preference(label_0, label_1) is None)
+            for offset, caption in enumerate(batch[mapping.caption]):
+                preferred = mapping.preferred([batch[name][offset] for name in mapping.label_columns])
+                yield ScannedRow(source_row, caption or "", preferred is None)
                 source_row += 1
 
     def read(self, source_rows: Sequence[int]) -> Iterator[PairRecord]:
         for start in range(0, len(source_rows), 256):
             block = [int(r) for r in source_rows[start : start + 256]]
             batch = self.dataset.select(block)[:]
+            mapping = self.columns
             for offset, source_row in enumerate(block):
-                preferred = _preference(batch["label_0"][offset], batch["label_1"][offset])
+                preferred = mapping.preferred([batch[name][offset] for name in mapping.label_columns])
                 if preferred is None:
                     raise DataError(f"source row {source_row} is a tie; the data changed since the store was planned")
-                images = tuple(_as_bytes(batch[c][offset]) for c in ("jpg_0", "jpg_1"))
-                yield PairRecord(source_row, batch["caption"][offset] or "", images[preferred], images[1 - preferred])
+                images = tuple(_as_bytes(batch[c][offset]) for c in mapping.image_columns)
+                yield PairRecord(source_row, batch[mapping.caption][offset] or "", images[preferred],
+                                 images[1 - preferred])
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -305,15 +412,19 @@ def _read_file(path: str | None) -> bytes | None:
 HUB_PREFIX = "hf:"
 
 
-def open_source(data: str, split: str | None = None) -> PairSource:
-    """Pick the source for DATA: `hf:ID`, a .jsonl/.csv manifest, or parquet file/folder/glob."""
+def open_source(data: str, split: str | None = None, columns: str | ColumnMap | None = None) -> PairSource:
+    """Pick the source for DATA: `hf:ID`, a .jsonl/.csv manifest, or parquet file/folder/glob;
+    `columns` (`--columns`) maps a parquet or hub dataset's columns to the pair's roles."""
+    mapping = columns if isinstance(columns, ColumnMap) else parse_columns(columns)
     if data.startswith(HUB_PREFIX):
-        return HubSource(data[len(HUB_PREFIX) :], split or "train")
+        return HubSource(data[len(HUB_PREFIX) :], split or "train", mapping)
     path = Path(data)
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        if mapping != ColumnMap():
+            raise DataError("--columns maps parquet and hub datasets; a manifest names its columns prompt, chosen, rejected")
         return ManifestSource(path)
     if path.is_file():
-        return ParquetSource([path], split)
+        return ParquetSource([path], split, mapping)
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
@@ -321,13 +432,13 @@ def open_source(data: str, split: str | None = None) -> PairSource:
         wanted = split or "train"
         matching = [f for f in files if f.name.split("-")[0] == wanted]
         if matching:
-            return ParquetSource(matching, wanted)
+            return ParquetSource(matching, wanted, mapping)
         if split is not None:
             raise DataError(f"{path} holds no parquet files of split {split!r} (names like {split}-00000-of-N.parquet)")
-        return ParquetSource(files, None)
+        return ParquetSource(files, None, mapping)
     matches = sorted(Path(p) for p in globlib.glob(data, recursive=True) if p.endswith(".parquet"))
     if matches:
-        return ParquetSource(matches, split)
+        return ParquetSource(matches, split, mapping)
     if any(ch in data for ch in "*?["):
         raise DataError(f"no parquet files match {data!r}")
     raise DataError(
@@ -376,11 +487,12 @@ def prepare_image(data: bytes | None, resolution: int) -> PreparedImage | None:
 
 def reopen_source(identity: dict[str, Any]) -> PairSource:
     """The source that `identity()` recorded (for redoing rows of an existing store)."""
+    columns = ColumnMap.from_json(identity.get("columns"))
     if identity["kind"] == "parquet":
-        return ParquetSource([Path(f["path"]) for f in identity["files"]], identity.get("split"))
+        return ParquetSource([Path(f["path"]) for f in identity["files"]], identity.get("split"), columns)
     if identity["kind"] == "manifest":
         return ManifestSource(Path(identity["path"]))
-    return HubSource(identity["dataset"], identity["split"])
+    return HubSource(identity["dataset"], identity["split"], columns)
 
 
 def describe_source(source: PairSource) -> str:

@@ -133,6 +133,17 @@ def forward_noised(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
     return (1 - column) * clean + column * noise
 
 
-def predicted_clean(latent: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0(σ) = x_σ − σ·v_θ: the single-step view of a flow model (DESIGN §1.8)."""
-    return latent - _column(sigma, latent).to(latent.dtype) * velocity
+# FlowMatchEulerDiscreteScheduler options that change its σ grid in ways this module does not
+# reproduce (option: the value it must keep)
+UNSUPPORTED_SCHEDULER_OPTIONS = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+                                 "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                                 "stochastic_sampling": False}
+
+
+def unsupported_scheduler_options(config: dict[str, Any]) -> list[str]:
+    """The options of a flow scheduler config whose σ grid inpo would not reproduce."""
+    found = [f"{name}={config[name]!r}" for name, default in UNSUPPORTED_SCHEDULER_OPTIONS.items()
+             if config.get(name, default) not in (default,)]
+    if config.get("use_dynamic_shifting") and config.get("time_shift_type", "exponential") != "exponential":
+        found.append(f"time_shift_type={config['time_shift_type']!r}")
+    return found

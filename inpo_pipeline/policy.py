@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from inpo_pipeline import ddim
-from inpo_pipeline.batches import read_micro_batch
+from inpo_pipeline.batches import denoiser_inputs, read_micro_batch
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named, family_of_denoiser
 from inpo_pipeline.loss import scale_gradient, winner_preserving_scale
@@ -52,10 +52,16 @@ def load_policy(settings: dict[str, Any], lora_rank: int) -> torch.nn.Module:
 
 def _prediction_and_target(policy: torch.nn.Module, batch: dict[str, torch.Tensor],
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser's output on a loader micro-batch, and its target, in float32 on `device`.
+
+    The loader hands stored values over in the storage dtype and each prompt once (see
+    `batches.assemble_micro_batch`): they become float32 here, on the device (exact), and the
+    prompts are repeated for the rejected images."""
+    inputs = denoiser_inputs(batch, device)
     output = family_of_denoiser(policy).denoise(
-        policy, batch["latents"].to(device), batch["timesteps"].to(device), batch["text"].to(device),
-        batch.get("pooled"), batch.get("time_ids"), batch.get("guidance"))
-    return output, batch["targets"].to(device)
+        policy, inputs["latents"], inputs["timesteps"], inputs["text"], inputs.get("pooled"), inputs.get("time_ids"),
+        inputs.get("guidance"))
+    return output, inputs["targets"]
 
 
 def policy_errors(
@@ -89,11 +95,6 @@ def _on(values: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
 
 def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
-
-
-def denoiser_folder(family: str) -> str:
-    """Where a run keeps its full denoiser ("unet" or "transformer", the pipeline's own folder)."""
-    return family_named(family).denoiser_folder
 
 
 def save_policy(unet: torch.nn.Module, run_dir: Path, family: str, lora_rank: int) -> Path:

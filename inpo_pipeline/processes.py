@@ -13,7 +13,7 @@ converts. For ε-models this is exactly DESIGN §1.3–§1.4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -130,9 +130,12 @@ class FlowProcess:
     kind: str = "flow"
     prediction: str = "flow"
     timestep_modes: tuple[str, ...] = flow.FLOW_TIMESTEP_MODES
-    _unused: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        unsupported = flow.unsupported_scheduler_options(self.scheduler_config)
+        if unsupported:
+            raise ProcessError(f"the model's flow scheduler sets {', '.join(unsupported)}, whose σ grid inpo does not "
+                               "reproduce; save the pipeline with a FlowMatchEulerDiscreteScheduler without it")
         if self.sigma_sampling not in flow.SIGMA_SAMPLINGS:
             raise ProcessError(f"--sigma-sampling must be one of {', '.join(flow.SIGMA_SAMPLINGS)}")
         if not self.logit_std > 0:

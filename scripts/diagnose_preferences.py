@@ -33,13 +33,14 @@ import torch  # noqa: E402
 
 from cache_schema import CacheStore  # noqa: E402
 from inpo_pipeline import ddim  # noqa: E402
-from inpo_pipeline.batches import read_micro_batch  # noqa: E402
+from inpo_pipeline.batches import denoiser_inputs, read_micro_batch  # noqa: E402
 from inpo_pipeline.models import load_unet, unet_noise  # noqa: E402
 
 BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
 def _predict(unet: torch.nn.Module, batch: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
+    batch = denoiser_inputs(batch)
     out = []
     with torch.no_grad():
         for start in range(0, len(batch["latents"]), size):
@@ -75,7 +76,7 @@ def residual_dc(store: CacheStore, rows: np.ndarray, reference: torch.nn.Module)
     report = {}
     for objective in ("inpo", "diffusion-dpo"):
         batch = read_micro_batch(store, rows, no_drop, objective)
-        residual = (_predict(reference, batch) - batch["targets"]).numpy()
+        residual = (_predict(reference, batch) - denoiser_inputs(batch)["targets"]).numpy()
         dc = residual.mean(axis=(2, 3))
         chosen, rejected = dc[:pairs], dc[pairs:]
         pairwise_push = ((chosen - rejected) * preferred).sum(1) / norm
@@ -103,7 +104,7 @@ def errors_over_training(store: CacheStore, rows: np.ndarray, run: Path, referen
     out = []
     for step in steps:
         unet = run_unet(run, step)
-        errors = ddim.per_sample_mse(_predict(unet, batch), batch["targets"]).numpy()
+        errors = ddim.per_sample_mse(_predict(unet, batch), denoiser_inputs(batch)["targets"]).numpy()
         chosen = errors[:pairs] - batch["reference_error_chosen"].numpy()
         entry = {"step": step, "bands": _bands(timesteps, {"winner_excess": chosen} if len(errors) == pairs else {
             "winner_excess": chosen, "loser_excess": errors[pairs:] - batch["reference_error_rejected"].numpy()})}

@@ -22,13 +22,12 @@ import inpo_pipeline
 from cache_schema import SCHEMA_VERSION, CacheStore, RowPlan, StoreError, StoreLayout, now_iso
 from inpo_pipeline import ddim
 from inpo_pipeline.data import DataError, describe_source, open_source
-from inpo_pipeline.distributed import process_state
+from inpo_pipeline.distributed import worker_share
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
 from inpo_pipeline.families import ModelError, detect_family
 from inpo_pipeline.flow import FLOW_TIMESTEP_MODES, SIGMA_SAMPLINGS
 from inpo_pipeline.models import TIME_ID_MODES, ReferenceModel, load_reference
-from inpo_pipeline.processes import ProcessError
 from inpo_pipeline.objectives import STORE_OBJECTIVE_SETS, stores_forward_inputs
 from inpo_pipeline.plan import build_plan
 from inpo_pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
@@ -75,6 +74,9 @@ class InvertOptions:
     shards_per_window: int = 16
     prompts_per_chunk: int = 256
     device: str | None = None
+    columns: str | None = None  # --columns: a parquet or hub dataset's columns for the pair's roles
+    worker: int | None = None  # uncoordinated workers: this one's index of `workers` (see WorkerShare)
+    workers: int | None = None
 
     def resolve_recipe(self, process_kind: str = "diffusion") -> None:
         """Fill every inversion setting not given explicitly from the recipe (for this kind of model)."""
@@ -91,6 +93,10 @@ class InvertOptions:
             raise UserError(ddim.RETIRED_MODES[self.timestep_mode])
         modes = ddim.TIMESTEP_MODES if process_kind == "diffusion" else FLOW_TIMESTEP_MODES
         checks = [
+            ((self.worker is None) == (self.workers is None), "--worker and --workers go together"),
+            (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
+            (self.worker is None or self.workers is None or 0 <= self.worker < self.workers,
+             f"--worker must be between 0 and --workers − 1 ({(self.workers or 1) - 1})"),
             (self.inversion_steps >= 1, "--inversion-steps must be at least 1"),
             (self.timestep_mode in modes,
              f"--timestep-mode must be one of {', '.join(modes)} for this {process_kind} model"),
@@ -99,6 +105,9 @@ class InvertOptions:
             (self.sigma_sampling in SIGMA_SAMPLINGS, f"--sigma-sampling must be one of {', '.join(SIGMA_SAMPLINGS)}"),
             (math.isfinite(self.logit_mean) and math.isfinite(self.logit_std) and self.logit_std > 0,
              "--logit-mean must be finite and --logit-std above 0"),
+            (process_kind == "flow" or (self.sigma_sampling, self.logit_mean, self.logit_std) == ("logit-normal", 0.0, 1.0),
+             "--sigma-sampling, --logit-mean and --logit-std choose a flow model's σ; this diffusion model draws "
+             "t uniformly: leave them out"),
             (math.isfinite(self.inversion_guidance) and self.inversion_guidance >= 0,
              "--inversion-guidance must be a finite number >= 0 (0 unconditional, 1 conditional, above 1 CFG)"),
             (math.isfinite(self.eta) and self.eta >= 0, "--eta must be >= 0"),
@@ -191,12 +200,12 @@ def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict
     except ModelError:
         process_kind = None  # the options are still checked first; loading the model then says why
     options.validate(process_kind or "diffusion")
-    state = process_state()
+    state = worker_share(options.worker, options.workers)
     reporter = reporter or Reporter(enabled=state.is_main_process)
     device = torch.device(options.device) if options.device else state.device
     started = time.perf_counter()
 
-    source = open_source(options.data, options.split)
+    source = open_source(options.data, options.split, options.columns)
     reporter.line(f"data: {describe_source(source)}")
     reference = load_reference(options.model, unet_path=options.unet, vae_path=options.vae)
     resolution = options.resolution or reference.native_resolution
@@ -204,11 +213,13 @@ def run_invert(options: InvertOptions, reporter: Reporter | None = None) -> dict
     reporter.line(
         f"model: {options.model} ({reference.family}), {reference.spec.denoiser_label} fingerprint {reference.unet_fingerprint[:16]}…, "
         f"{resolution} px, device {device}, {state.num_processes} process(es)"
+        + (f" (worker {state.worker} of {state.workers}, not waiting for the others)" if state.uncoordinated else "")
     )
     settings = store_settings(options, reference, resolution, source.identity())
 
     if state.is_main_process:
-        _prepare_store(options, reference, resolution, settings, source, reporter)
+        _prepare_store(options, reference, resolution, settings, source, reporter,
+                       creator=f"worker-{state.worker}" if state.uncoordinated else None)
     state.wait_for_everyone()
     store = CacheStore.open(options.out, mode="r+")
     if _settings_difference(store.settings, settings):
@@ -245,7 +256,7 @@ def _disk_error(error: OSError, out: str) -> UserError:
 
 def _prepare_store(
     options: InvertOptions, reference: ReferenceModel, resolution: int, settings: dict[str, Any],
-    source: Any, reporter: Reporter,
+    source: Any, reporter: Reporter, creator: str | None = None,
 ) -> None:
     """Rank 0: resume a matching store, refuse a different one, or plan and create a new one."""
     out = options.out
@@ -270,6 +281,7 @@ def _prepare_store(
                 )
             if attrs.get("state") == "ready":
                 reporter.line(f"resuming the store at {out}")
+                CacheStore.remove_stale_builds(out)
                 return
             CacheStore.remove(out)
             reporter.line(f"{out}: its creation was interrupted; creating it again")
@@ -322,7 +334,7 @@ def _prepare_store(
             out, layout, settings, provenance,
             RowPlan(plan.timestep, plan.prompt_index, plan.source_row, plan.draw, plan.caption_index, plan.flip,
                     plan.sigma),
-            plan.prompts,
+            plan.prompts, creator=creator,
         )
     except StoreError as error:
         raise UserError(str(error)) from error
@@ -335,14 +347,27 @@ def _prepare_store(
 def _encode_prompts(
     store: CacheStore, reference: ReferenceModel, state: Any, device: torch.device, batch_size: int, reporter: Reporter
 ) -> None:
-    """Every prompt's text embedding, once, each chunk owned by one process."""
+    """Every prompt's text embedding, once, each chunk owned by one process.
+
+    An uncoordinated worker cannot wait for the others, and its shards need every prompt: after
+    its own chunks it encodes any chunk still unfinished (split among its own processes). Two
+    workers may then write one chunk; both write the same values, and each object is replaced
+    whole, so the store stays as one group of processes would have written it.
+    """
     assert reference.text is not None
     done = store.prompt_chunks_done()
     mine = [c for c in range(store.layout.num_prompt_chunks) if c % state.num_processes == state.process_index and not done[c]]
+    if getattr(state, "uncoordinated", False):
+        group, rank = state.state.num_processes, state.state.process_index
+        mine += [c for c in range(store.layout.num_prompt_chunks)
+                 if not done[c] and c not in mine and c % group == rank]
     if not mine:
         return
     with reporter.progress("prompts", len(mine), unit="chunks") as advance:
         for chunk in mine:
+            if store.prompt_chunk_done(chunk):
+                advance(1)  # another worker finished it meanwhile
+                continue
             texts = store.prompt_texts(store.layout.prompt_chunk(chunk))
             embeddings, pooled = [], []
             for start in range(0, len(texts), max(batch_size, 16)):

@@ -20,7 +20,13 @@ import torch
 
 import inpo_pipeline
 from cache_schema import CacheStore, now_iso
-from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader
+from inpo_pipeline.batches import (
+    DATA_ORDERS,
+    DEFAULT_SHUFFLE_BUFFER,
+    BatchSchedule,
+    MicroBatches,
+    micro_batch_loader,
+)
 from inpo_pipeline.checkpoints import load_training_state, save_training_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named
@@ -78,6 +84,9 @@ class TrainOptions:
     export_pipeline: bool = False
     num_workers: int | None = None  # None: 2 with CUDA, 0 on CPU (measured: docs/benchmarks.md)
     winner_preserving: float | None = None  # μ of the winner-preserving safeguard; None: off
+    data_order: str = "blocks"  # "blocks": stored blocks shuffled in a buffer; "rows": a full permutation
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows mixed together over all processes (blocks order)
+    report_to: str = "none"  # accelerate trackers: none, tensorboard, wandb or all
 
     def validate(self) -> None:
         checks = [
@@ -98,6 +107,9 @@ class TrainOptions:
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0"),
+            (self.data_order in DATA_ORDERS, f"--data-order must be one of {', '.join(DATA_ORDERS)}"),
+            (self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1"),
+            (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm must be a finite number > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
@@ -153,10 +165,14 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+# what a run recorded before these options existed trained with (its resume keeps that order)
+RUN_OPTIONS_BEFORE_FIELDS = {"data_order": "rows", "shuffle_buffer": DEFAULT_SHUFFLE_BUFFER}
+
+
 def _comparable(options: TrainOptions) -> dict[str, Any]:
     """Options that must match for a resume (not: resume, export, workers, checkpoint cadence)."""
     values = asdict(options)
-    for name in ("resume", "export_pipeline", "num_workers", "checkpoint_every", "keep_checkpoints", "steps"):
+    for name in ("resume", "export_pipeline", "num_workers", "checkpoint_every", "keep_checkpoints", "steps", "report_to"):
         values.pop(name)
     return values
 
@@ -174,7 +190,8 @@ def _prepare_run_dir(options: TrainOptions, is_main: bool, identity: dict[str, A
     if options.resume and occupied:
         previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else None
         if previous is not None:
-            differences = [k for k, v in _comparable(options).items() if previous["options"].get(k) != v]
+            before = {**RUN_OPTIONS_BEFORE_FIELDS, **previous["options"]}
+            differences = [k for k, v in _comparable(options).items() if before.get(k) != v]
             differences += [k for k, v in identity.items() if previous.get("identity", {}).get(k) != v]
             if differences:
                 raise UserError(f"--resume with other settings than the run in {run_dir} ({', '.join(differences)}); "
@@ -215,7 +232,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     _forget_other_precision(mixed_precision)
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=options.grad_accum,
-        cpu=not torch.cuda.is_available(), log_with=_trackers(), project_dir=options.out,
+        cpu=not torch.cuda.is_available(), log_with=_trackers(options.report_to), project_dir=options.out,
     )
     reporter = reporter or Reporter(enabled=accelerator.is_main_process)
     effective_batch = options.batch_size * accelerator.num_processes * options.grad_accum
@@ -223,7 +240,8 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
     options = options.resolved(settings, effective_batch)
     rows = store.valid_rows()
     schedule = BatchSchedule(rows, options.batch_size, accelerator.num_processes, accelerator.process_index,
-                             options.seed, options.prompt_dropout)
+                             options.seed, options.prompt_dropout, order=options.data_order,
+                             block_rows=store.layout.rows_per_shard, shuffle_buffer=options.shuffle_buffer)
     if schedule.micro_batches_per_epoch == 0:
         raise UserError(f"{options.cache} has {len(rows)} usable rows, fewer than one global batch "
                         f"({options.batch_size} × {accelerator.num_processes} processes); lower --batch-size")
@@ -286,7 +304,9 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         else:
             _truncate_metrics(run_dir / METRICS_FILE, start_step)
     if accelerator.log_with:
-        accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None})
+        # wandb keeps its files in the run folder; its mode (online/offline) is wandb's own setting
+        accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None},
+                                  init_kwargs={"wandb": {"dir": str(run_dir), "name": run_dir.name}})
 
     remaining = options.steps - start_step
     dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum,
@@ -322,12 +342,22 @@ def _forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state()
 
 
-def _trackers() -> list[str] | None:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return None
-    return ["tensorboard"]
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    """accelerate's trackers for --report-to; each must be installed (`pip install 'inpo[trackers]'`)."""
+    if report_to not in REPORT_TO:
+        raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}")
+    wanted = list(TRACKER_PACKAGES) if report_to == "all" else [] if report_to == "none" else [report_to]
+    for tracker in wanted:
+        try:
+            __import__(TRACKER_PACKAGES[tracker])
+        except ImportError:
+            raise UserError(f"--report-to {report_to} needs {TRACKER_PACKAGES[tracker]}: "
+                            "pip install 'inpo[trackers]' (or leave --report-to out)") from None
+    return wanted or None
 
 
 def _write_run_file(run_dir: Path, options: TrainOptions, effective_batch: int, store: CacheStore,

@@ -22,7 +22,9 @@ from inpo_pipeline.data import (
     ParquetSource,
     PreparedImage,
     open_source,
+    parse_columns,
     prepare_image,
+    reopen_source,
 )
 from inpo_pipeline.example import CAPTIONS, write_manifest, write_pickapic_folder, write_pickapic_parquet
 
@@ -582,3 +584,79 @@ def test_prepare_image_drops_the_broken_fixture_pairs(pickapic):
     broken = [r.source_row for r in records
               if prepare_image(r.chosen, 16) is None or prepare_image(r.rejected, 16) is None]
     assert broken == pickapic["broken_rows"]
+
+
+# --------------------------------------------------------------------------------- column mapping
+
+
+def _renamed(source: Path, target: Path, chosen_layout: bool, struct_images: bool = False) -> Path:
+    """`source`'s pairs under other column names: text/win/lose (chosen first) or text/a/b/sa/sb."""
+    table = pq.read_table(source, columns=["caption", "jpg_0", "jpg_1", "label_0", "label_1"]).to_pylist()
+    rows = [row for row in table if not chosen_layout or row["label_0"] != row["label_1"]]
+
+    def image(data: bytes):
+        return {"bytes": data, "path": None} if struct_images else data
+
+    if chosen_layout:
+        columns = {"text": [r["caption"] for r in rows],
+                   "win": [image(r["jpg_0"] if r["label_0"] > r["label_1"] else r["jpg_1"]) for r in rows],
+                   "lose": [image(r["jpg_1"] if r["label_0"] > r["label_1"] else r["jpg_0"]) for r in rows]}
+    else:
+        columns = {"text": [r["caption"] for r in rows], "a": [image(r["jpg_0"]) for r in rows],
+                   "b": [image(r["jpg_1"]) for r in rows], "sa": [r["label_0"] for r in rows],
+                   "sb": [r["label_1"] for r in rows]}
+    return write_table(target, columns)
+
+
+@pytest.mark.parametrize("struct_images", [False, True])
+def test_a_chosen_rejected_dataset_through_a_column_mapping(pickapic, tmp_path, struct_images):
+    path = _renamed(pickapic["path"], tmp_path / "mapped.parquet", chosen_layout=True, struct_images=struct_images)
+    with pytest.raises(DataError, match="lacks column.*--columns"):
+        open_source(str(path))
+    source = open_source(str(path), columns="prompt=text,chosen=win,rejected=lose")
+    expected = [row for row in expected_pairs([pickapic["path"]]) if not row["tie"]]
+    scanned = list(source.scan())
+    assert [row.caption for row in scanned] == [row["caption"] for row in expected] and not any(r.is_tie for r in scanned)
+    records = list(source.read(list(range(len(expected)))))
+    assert [(r.chosen, r.rejected) for r in records] == [(row["chosen"], row["rejected"]) for row in expected]
+    assert source.identity()["columns"] == {"caption": "text", "chosen": "win", "rejected": "lose"}
+    reopened = reopen_source(source.identity())
+    assert [r.chosen for r in reopened.read([0, 2])] == [records[0].chosen, records[2].chosen]
+
+
+def test_a_labelled_dataset_under_other_names_keeps_its_ties(pickapic, tmp_path):
+    path = _renamed(pickapic["path"], tmp_path / "labelled.parquet", chosen_layout=False)
+    source = open_source(str(path), columns="caption=text,jpg_0=a,jpg_1=b,label_0=sa,label_1=sb")
+    expected = expected_pairs([pickapic["path"]])
+    assert [r.is_tie for r in source.scan()] == [row["tie"] for row in expected]
+    usable = [i for i, row in enumerate(expected) if not row["tie"]]
+    assert [r.chosen for r in source.read(usable)] == [expected[i]["chosen"] for i in usable]
+    assert "columns" not in open_source(str(pickapic["path"])).identity()  # Pick-a-Pic's names: identity as before
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompt=text,chosen=win", "chosen and rejected go together"),
+    ("prompt=text,winner=win", "ROLE=COLUMN"),
+    ("chosen=a,rejected=b,jpg_0=c", "not both"),
+    ("prompt=a,caption=b", "twice"),
+])
+def test_column_mapping_errors_are_one_line(text, message):
+    with pytest.raises(DataError, match=message):
+        parse_columns(text)
+
+
+def test_invert_reads_a_mapped_dataset_and_verify_recomputes_from_it(tiny_sd15, pickapic, tmp_path):
+    from typer.testing import CliRunner
+
+    from cache_schema import CacheStore
+    from inpo_pipeline.cli import app
+
+    path = _renamed(pickapic["path"], tmp_path / "mapped.parquet", chosen_layout=True)
+    out = tmp_path / "mapped.zarr"
+    result = CliRunner().invoke(app, ["invert", "--model", str(tiny_sd15), "--data", str(path), "--out", str(out),
+                                      "--columns", "prompt=text,chosen=win,rejected=lose", "--resolution", "32",
+                                      "--rows-per-shard", "4", "--shards-per-window", "2", "--max-pairs", "6"])
+    assert result.exit_code == 0, result.output
+    assert CacheStore.open(out).settings["data"]["columns"]["chosen"] == "win"
+    verify = CliRunner().invoke(app, ["cache", "verify", str(out), "--recompute", "2"])
+    assert verify.exit_code == 0, verify.output

@@ -86,6 +86,7 @@ def test_flow_store_records_sigma_process_and_guidance(stores):
     info = runner.invoke(app, ["cache", "info", str(stores["sd3"])])
     assert info.exit_code == 0 and "variant" in info.output and "/prompt raw" in info.output
     assert "flow velocity" in info.output
+    assert "one chunk per shard; one prompt per object" in " ".join(info.output.replace("│", " ").split())
 
 
 def test_flow_rows_hold_the_velocity_target_of_their_latents(stores):
@@ -208,6 +209,24 @@ def test_flow_options_are_checked_in_one_line(models, pickapic, tmp_path):
                                      "--out", str(tmp_path / "x.zarr"), *INVERT, *extra])
         assert result.exit_code != 0 and message in result.output, result.output
         assert not (tmp_path / "x.zarr").exists()
+
+
+def test_flow_sigma_options_on_a_diffusion_model_are_refused(models, pickapic, tmp_path):
+    result = runner.invoke(app, ["invert", "--model", str(models["sd2v"]), "--data", str(pickapic["path"]),
+                                 "--out", str(tmp_path / "x.zarr"), *INVERT, "--sigma-sampling", "uniform"])
+    assert result.exit_code == 2 and "draws t uniformly" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_flow_scheduler_option_inpo_does_not_reproduce_is_one_line(models, pickapic, tmp_path):
+    model = tmp_path / "karras-sd3"
+    shutil.copytree(models["sd3"], model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_karras_sigmas": True}))
+    result = runner.invoke(app, ["invert", "--model", str(model), "--data", str(pickapic["path"]),
+                                 "--out", str(tmp_path / "x.zarr"), *INVERT])
+    assert result.exit_code == 2 and "use_karras_sigmas=True" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
 
 
 def test_process_from_settings_of_an_old_epsilon_store(stores):

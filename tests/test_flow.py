@@ -109,6 +109,17 @@ def test_flow_process_refuses_the_authors_ddpm_noise_and_ddim_modes():
         process.walk(0, 0.5, "authors", 10)
 
 
+@pytest.mark.parametrize("option", [{"use_karras_sigmas": True}, {"shift_terminal": 0.02}, {"invert_sigmas": True},
+                                    {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+                                    {"stochastic_sampling": True}])
+def test_scheduler_options_whose_grid_inpo_does_not_reproduce_are_refused(option):
+    config = {**SD3_SCHEDULER, **option}
+    name = next(k for k in option if k != "use_dynamic_shifting")
+    with pytest.raises(ProcessError, match=f"sets {name}="):
+        FlowProcess(config, image_tokens=64)
+    assert flow.unsupported_scheduler_options(dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)) == []
+
+
 def _round_trip_error(reference, clean, text, pooled, sigma: float, num_steps: int) -> float:
     """Invert x0 to σ with n Euler steps of the model, then sample back down the same levels."""
     walk = flow.exact_walk(sigma, num_steps)

@@ -71,7 +71,7 @@ def test_sft_first_loss_is_the_references_error_on_the_winners(stores, tmp_path)
     assert first["policy_error_rejected"] is None
 
     store = CacheStore.open(stores["sd15"])
-    schedule = BatchSchedule(store.valid_rows(), 4, 1, 0, 0, 0.5)
+    schedule = BatchSchedule(store.valid_rows(), 4, 1, 0, 0, 0.5, block_rows=store.layout.rows_per_shard)
     expected = []
     for micro in range(2):
         rows, dropped, _ = schedule.micro_batch(micro)

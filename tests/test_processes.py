@@ -92,3 +92,41 @@ def test_sigkill_then_resume_is_bit_identical(moment, reference_store, tiny_sd15
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_store(reference_store, out)
+
+
+def test_three_uncoordinated_workers_one_killed_then_finished_equal_one_process(
+        reference_store, tiny_sd15, pickapic, tmp_path):
+    """`--worker I --workers 3` as separate processes on one store (no process group); worker 1
+    is killed once the store exists; the others finish their shares and exit 0 on an incomplete
+    store; a plain `inpo invert` finishes it, bit-identical to one uninterrupted process."""
+    out = tmp_path / "workers.zarr"
+    workers = [subprocess.Popen(invert_command(tiny_sd15, pickapic["path"], out) + ["--worker", str(index), "--workers", "3"],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in range(3)]
+    deadline = time.monotonic() + 300
+    while not (out / "zarr.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert workers[1].poll() is None, "worker 1 finished before it could be killed"
+    workers[1].send_signal(signal.SIGKILL)
+    workers[1].wait()
+    for index in (0, 2):
+        _stdout, stderr = workers[index].communicate(timeout=600)
+        assert workers[index].returncode == 0, stderr[-3000:]
+        assert f"worker {index} of 3" in stderr and "share is done" in " ".join(stderr.split())
+    store = CacheStore.open(out)
+    windows = store.layout.num_windows
+    assert windows >= 3 and not store.is_complete()  # worker 1's windows are left
+    finished = subprocess.run(invert_command(tiny_sd15, pickapic["path"], out), env=cli_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_store(reference_store, out)
+    assert not list(out.parent.glob(f".{out.name}.creating*"))  # the killed creator's sibling is gone
+
+
+def test_worker_options_are_checked_in_one_line(tiny_sd15, pickapic, tmp_path):
+    for extra, message in ((["--worker", "3", "--workers", "3"], "--worker must be between 0 and"),
+                           (["--worker", "0"], "--worker and --workers go together")):
+        result = subprocess.run(invert_command(tiny_sd15, pickapic["path"], tmp_path / "x.zarr") + extra,
+                                env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "x.zarr").exists()

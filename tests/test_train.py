@@ -88,8 +88,7 @@ def test_training_lowers_the_loss_and_raises_accuracy(sd15_store, tmp_path):
     assert record["options"]["beta"] == 2000.0 and record["options"]["optimizer"] == "adamw"
     assert record["store"]["settings"]["unet_fingerprint"] == store.settings["unet_fingerprint"]
     assert "effective batch 8 = 4 per device × 1 process(es) × 2 accumulation" in result.output
-    pytest.importorskip("tensorboard")
-    assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs are written when tensorboard is installed"
+    assert not list(run.rglob("events.out.tfevents.*"))  # trackers only with --report-to
 
 
 def test_sdxl_defaults_and_export(sdxl_store, tmp_path):
@@ -189,6 +188,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd15_store, tm
     result = train(sd15_store, run, "--steps", "6", "--checkpoint-every", "2")
     assert result.exit_code == 2 and "non-finite" in result.output and "step 4" in result.output
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+
+
+def test_a_run_from_before_the_data_order_option_resumes_in_its_own_row_order(sd15_store, tmp_path):
+    run = tmp_path / "run"
+    assert train(sd15_store, run, "--steps", "2", "--data-order", "rows", "--checkpoint-every", "2").exit_code == 0
+    record = json.loads((run / "run.json").read_text())
+    for name in ("data_order", "shuffle_buffer"):  # what an earlier inpo recorded
+        del record["options"][name]
+    (run / "run.json").write_text(json.dumps(record))
+    refused = train(sd15_store, run, "--steps", "3", "--resume")
+    assert refused.exit_code == 2 and "data_order" in refused.output
+    resumed = train(sd15_store, run, "--steps", "3", "--resume", "--data-order", "rows")
+    assert resumed.exit_code == 0, resumed.output
+    assert [line["step"] for line in metrics(run)] == [1, 2, 3]
 
 
 def test_schedule_covers_every_row_once_per_epoch_across_ranks():
@@ -405,3 +418,27 @@ def test_verify_repair_lets_invert_redo_exactly_the_lost_shards(sd15_store, tiny
     assert sorted(original) == sorted(restored)
     for path, values in original.items():
         assert np.array_equal(values, restored[path]), path
+
+
+def test_report_to_logs_every_steps_metrics_to_tensorboard_and_wandb_offline(sd15_store, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "tracked"
+    result = train(sd15_store, run, "--steps", "3", "--report-to", "all")
+    assert result.exit_code == 0, result.output
+    logged = metrics(run)
+    events = EventAccumulator(str(next(p.parent for p in run.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    for name in ("loss", "implicit_accuracy", "margin", "lr", "grad_norm", "pairs_per_second"):
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [1, 2, 3], name
+        assert [s.value for s in scalars] == pytest.approx([line[name] for line in logged], rel=1e-6), name
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    untracked = tmp_path / "untracked"
+    assert train(sd15_store, untracked, "--steps", "1").exit_code == 0
+    assert not list(untracked.rglob("events.out.tfevents.*")) and not (untracked / "wandb").exists()
+    bad = train(sd15_store, tmp_path / "bad", "--steps", "1", "--report-to", "mlflow")
+    assert bad.exit_code == 2 and "--report-to must be one of" in bad.output

@@ -1,0 +1,169 @@
+"""Stage two's read path against the disk: rows/s of `inpo train`'s loader and of a numpy memmap.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_loader.py                      # tiny and sd15 latents
+    OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --shapes sd15 --rows 4096 --batches 8,32 --workers 0,1,4
+
+For each latent shape a store of random rows is written twice through `CacheStore`: once in the
+earlier layout (one row per chunk, `rows_per_chunk=1`) and once in the current one (one chunk per
+shard). Then, side by side in one run:
+
+(a) `loader`: the trainer's own path (`BatchSchedule` → `MicroBatches` → its DataLoader settings,
+    spawned workers, start-up left out: see `time_loader`), InPO inputs: four latent arrays, two reference errors, the plan arrays, and
+    the text embedding of each row's prompt, as float32 tensors — `--data-order blocks` and `rows`;
+(b) `memmap`: the floor — the same bytes (the four latent arrays and the per-row text embedding,
+    raw fp16) in `.npy` files read through `np.load(mmap_mode="r")`, one fancy-indexed copy per
+    array per micro-batch, for the rows of the `rows` order's micro-batches (random reads: the
+    floor the ratio is taken against) and of the `blocks` order's (reported beside it).
+Rows/s counts training rows (pairs); MB/s the raw bytes of those rows. The page cache is warm
+for both (the files were just written): the ratio is the loader's CPU cost per byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import dump, machine  # noqa: E402
+from cache_schema import CacheStore, RowPlan, ShardResult, StoreLayout  # noqa: E402
+from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader  # noqa: E402
+
+LATENTS = {"tiny": ((4, 8, 8), (77, 32)), "sd15": ((4, 64, 64), (77, 768))}
+LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
+
+
+def settings() -> dict:
+    from diffusers import DDIMScheduler
+
+    return {"family": "sd15", "scheduler": dict(DDIMScheduler().config), "seed": 0}
+
+
+def build_store(path: Path, shape: str, num_rows: int, rows_per_chunk: int | None) -> CacheStore:
+    latent, text = LATENTS[shape]
+    num_prompts = max(2, num_rows // 4)
+    layout = StoreLayout(num_rows=num_rows, latent_shape=latent, num_prompts=num_prompts, text_shape=text,
+                         pooled_dim=None, rows_per_chunk=rows_per_chunk)
+    rng = np.random.default_rng(0)
+    plan = RowPlan(timestep=rng.integers(0, 1000, num_rows), prompt_index=rng.integers(1, num_prompts, num_rows),
+                   source_row=np.arange(num_rows), draw=np.zeros(num_rows, dtype=np.int16))
+    CacheStore.create(path, layout, settings(), {"created_at": "bench"}, plan, [""] + [f"p{i}" for i in range(1, num_prompts)])
+    store = CacheStore.open(path, mode="r+")
+    for shard in range(layout.num_shards):
+        n = len(range(*layout.shard_rows(shard).indices(num_rows)))
+        store.write_shard(shard, ShardResult(
+            *(rng.standard_normal((n, *latent)).astype(np.float32) for _ in LATENT_ARRAYS),
+            reference_error_chosen=rng.random((n, 2)).astype(np.float32),
+            reference_error_rejected=rng.random((n, 2)).astype(np.float32),
+            valid=np.ones(n, dtype=np.uint8), inversion_steps=np.ones(n, dtype=np.int16)))
+    for chunk in range(layout.num_prompt_chunks):
+        span = layout.prompt_chunk(chunk)
+        store.write_prompt_chunk(chunk, rng.standard_normal((span.stop - span.start, *text)).astype(np.float32), None)
+    return CacheStore.open(path)
+
+
+def build_memmaps(folder: Path, store: CacheStore) -> dict[str, np.ndarray]:
+    """The same raw bytes as plain .npy files (latents and text embeddings, fp16)."""
+    arrays = {}
+    for name in LATENT_ARRAYS:
+        np.save(folder / f"{name}.npy", np.asarray(store.group["rows"][name][:]))
+        arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
+    np.save(folder / "text.npy", np.asarray(store.group["prompts"]["embedding"][:]))
+    arrays["text"] = np.load(folder / "text.npy", mmap_mode="r")
+    arrays["prompt_index"] = np.asarray(store.group["rows"]["prompt_index"][:])
+    return arrays
+
+
+def row_bytes(store: CacheStore) -> int:
+    c, h, w = store.layout.latent_shape
+    length, width = store.layout.text_shape
+    return 2 * (len(LATENT_ARRAYS) * c * h * w + length * width)
+
+
+def time_loader(store: CacheStore, schedule: BatchSchedule, micro_batches: int, workers: int) -> float:
+    """Rows/s of the trainer's dataset and loader settings over `micro_batches` micro-batches
+    (default: three read groups per worker). With workers, the loader is iterated twice with
+    the same processes and the second pass is timed, so that process start-up is left out
+    (`inpo train` starts its workers once per run); the pass still fills its pipeline."""
+    count = micro_batches or 3 * schedule.micro_batches_per_group * max(1, workers)
+    dataset = MicroBatches(str(store.path), schedule, 0, count)
+    if workers == 0:
+        loader: Any = micro_batch_loader(dataset, 0)
+        passes = 1
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                             multiprocessing_context="spawn", persistent_workers=True,
+                                             prefetch_factor=1)
+        passes = 2
+    for _ in range(passes):
+        started, rows = time.perf_counter(), 0
+        for item in loader:
+            # the trainer's loader yields micro-batches; a bare DataLoader yields stacked groups
+            rows += sum(len(batch["rows"]) for batch in item) if isinstance(item, list) else item["rows"].numel()
+        elapsed = time.perf_counter() - started
+    assert rows == count * schedule.batch_size
+    return rows / elapsed
+
+
+def time_memmap(arrays: dict[str, np.ndarray], schedule: BatchSchedule, micro_batches: int) -> float:
+    started, rows = time.perf_counter(), 0
+    for index in range(1, micro_batches):
+        picked = np.sort(schedule.micro_batch(index)[0])
+        copies = [np.array(arrays[name][picked]) for name in LATENT_ARRAYS]
+        copies.append(np.array(arrays["text"][np.sort(arrays["prompt_index"][picked])]))
+        rows += len(picked)
+    return rows / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="tiny,sd15")
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--batches", default="8,32")
+    parser.add_argument("--workers", default="0,1,4")
+    parser.add_argument("--micro-batches", type=int, default=0,
+                        help="Micro-batches per timed pass (default: three read groups per worker).")
+    args = parser.parse_args()
+    report: dict = {"machine": machine(), "rows": args.rows, "results": []}
+    for shape in args.shapes.split(","):
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            stores = {"shard chunks": build_store(folder / "current.zarr", shape, args.rows, None),
+                      "row chunks (earlier layout)": build_store(folder / "earlier.zarr", shape, args.rows, 1)}
+            arrays = build_memmaps(folder, stores["shard chunks"])
+            size = row_bytes(stores["shard chunks"])
+            for batch in (int(b) for b in args.batches.split(",")):
+                count = args.micro_batches
+                blocks = BatchSchedule(np.arange(args.rows), batch, 1, 0, seed=0, prompt_dropout=0.0)
+                rows_order = BatchSchedule(np.arange(args.rows), batch, 1, 0, seed=0, prompt_dropout=0.0, order="rows")
+                floor = time_memmap(arrays, rows_order, count or 3 * blocks.micro_batches_per_group)
+                floor_blocks = time_memmap(arrays, blocks, count or 3 * blocks.micro_batches_per_group)
+                for workers in (int(w) for w in args.workers.split(",")):
+                    for layout, store in stores.items():
+                        for order, schedule in (("blocks", blocks), ("rows", rows_order)):
+                            if layout != "shard chunks" and order == "blocks":
+                                continue
+                            rate = time_loader(store, schedule, count, workers)
+                            result = {"shape": shape, "batch": batch, "workers": workers, "layout": layout,
+                                      "order": order, "rows_per_s": round(rate, 1),
+                                      "mb_per_s": round(rate * size / 1e6, 1),
+                                      "memmap_rows_per_s": round(floor, 1),
+                                      "memmap_block_order_rows_per_s": round(floor_blocks, 1),
+                                      "share_of_memmap": round(rate / floor, 3)}
+                            report["results"].append(result)
+                            print(result, file=sys.stderr, flush=True)
+            for store in stores.values():
+                shutil.rmtree(store.path, ignore_errors=True)
+    dump(report)
+
+
+if __name__ == "__main__":
+    main()

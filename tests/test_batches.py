@@ -1,0 +1,168 @@
+"""Stage two's data order and reads: inpo_pipeline/batches.py on stores of both chunk layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from cache_schema import CacheStore, StoreLayout
+from inpo_pipeline.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader, read_micro_batch
+from tests.test_cache_schema import PROMPTS, PROVENANCE, SETTINGS, fill_prompts, make_layout, make_plan, make_result
+
+# usable rows with gaps, as a store with undecodable pairs has them
+ROWS = np.setdiff1d(np.arange(0, 700), np.arange(5, 700, 37))
+
+
+def schedules(order: str, ranks: int, batch: int = 4, buffer: int = 64) -> list[BatchSchedule]:
+    return [BatchSchedule(ROWS, batch, ranks, rank, seed=5, prompt_dropout=0.2, order=order, block_rows=16,
+                          shuffle_buffer=buffer) for rank in range(ranks)]
+
+
+@pytest.mark.parametrize("order", ["blocks", "rows"])
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_every_usable_row_once_per_epoch_and_ranks_disjoint(order, ranks):
+    ranked = schedules(order, ranks)
+    per_epoch = ranked[0].micro_batches_per_epoch
+    assert per_epoch == len(ROWS) // (4 * ranks)
+    epochs = []
+    for epoch in range(3):
+        by_rank = [np.concatenate([s.micro_batch(epoch * per_epoch + m)[0] for m in range(per_epoch)]) for s in ranked]
+        seen = np.concatenate(by_rank)
+        assert len(seen) == len(np.unique(seen)) == per_epoch * 4 * ranks  # no row twice, ranks disjoint
+        assert np.isin(seen, ROWS).all()
+        assert len(ROWS) - len(seen) < 4 * ranks  # only the last partial global batch is left out
+        epochs.append(seen)
+    assert not np.array_equal(epochs[0], epochs[1])
+    # 681 rows leave 1 (or 9) out per epoch; the left-out rows change, so every row is trained on
+    assert len(ROWS) == 681 and len(np.unique(np.concatenate(epochs))) == len(ROWS)
+
+
+def test_the_order_is_a_pure_function_of_seed_epoch_index_and_rank():
+    first, second = schedules("blocks", 2)[1], schedules("blocks", 2)[1]
+    per_epoch = first.micro_batches_per_epoch
+    indices = [5 * per_epoch + 3, 0, 2 * per_epoch + 7, 5 * per_epoch + 3, 1]
+    for index in indices:  # out of order, as a resumed run asks
+        rows, dropped, epoch = first.micro_batch(index)
+        again, dropped_again, _ = second.micro_batch(index)
+        np.testing.assert_array_equal(rows, again)
+        np.testing.assert_array_equal(dropped, dropped_again)
+        assert epoch == index // per_epoch
+    other_seed = BatchSchedule(ROWS, 4, 2, 1, seed=6, prompt_dropout=0.2, block_rows=16, shuffle_buffer=32)
+    assert not np.array_equal(other_seed.micro_batch(0)[0], first.micro_batch(0)[0])
+
+
+def test_a_read_group_touches_few_blocks_in_block_order_and_most_in_row_order():
+    def blocks_touched(schedule: BatchSchedule) -> int:
+        group = schedule.group_of(0)
+        rows = np.concatenate([schedule.micro_batch(index)[0] for index in group])
+        return len(np.unique(rows // 16))
+
+    blocks, rows = schedules("blocks", 2, buffer=128)[0], schedules("rows", 2, buffer=128)[0]
+    assert blocks.group_of(0) == range(0, 16) and blocks.group_of(17) == range(16, 32)
+    # a window is 128 usable rows = 8 blocks of 16 (each over at most 2 stored chunks of 16 rows,
+    # gaps included); one rank's 64 rows cluster in about half of them
+    assert blocks_touched(blocks) <= 12
+    assert blocks_touched(rows) >= 25
+
+
+def test_global_batches_do_not_depend_on_the_number_of_ranks():
+    one = BatchSchedule(ROWS, 4, 1, 0, seed=5, prompt_dropout=0.0, block_rows=16, shuffle_buffer=64)
+    two = [BatchSchedule(ROWS, 2, 2, rank, seed=5, prompt_dropout=0.0, block_rows=16, shuffle_buffer=64)
+           for rank in range(2)]
+    assert one.micro_batches_per_epoch == two[0].micro_batches_per_epoch
+    for index in range(2 * one.micro_batches_per_epoch):
+        together = np.sort(np.concatenate([rank.micro_batch(index)[0] for rank in two]))
+        np.testing.assert_array_equal(together, np.sort(one.micro_batch(index)[0]))
+
+
+def test_groups_do_not_cross_epochs():
+    schedule = schedules("blocks", 1, buffer=4 * 7)[0]  # groups of 7 micro-batches
+    per_epoch = schedule.micro_batches_per_epoch
+    last = schedule.group_of(per_epoch - 1)
+    assert last.stop == per_epoch and schedule.group_of(per_epoch).start == per_epoch
+
+
+def trainable_store(path: Path, **layout_fields) -> CacheStore:
+    settings = {**SETTINGS, "family": "sd15", "scheduler": dict(DDIMScheduler().config), "seed": 3}
+    layout = make_layout(num_rows=40, forward_arrays=True, rows_per_shard=8, prompts_per_chunk=2, **layout_fields)
+    CacheStore.create(path, layout, settings, PROVENANCE, make_plan(layout.num_rows), PROMPTS)
+    store = CacheStore.open(path, mode="r+")
+    for shard in range(layout.num_shards):
+        store.write_shard(shard, make_result(layout, shard))
+    fill_prompts(store)
+    return CacheStore.open(path)
+
+
+@pytest.mark.parametrize("layout", ["current", "earlier"])
+@pytest.mark.parametrize("objective", ["inpo", "diffusion-dpo"])
+def test_group_reads_equal_one_read_per_micro_batch_bit_for_bit(tmp_path, layout, objective):
+    fields = {} if layout == "current" else {"rows_per_chunk": 1, "prompt_shards": True}
+    store = trainable_store(tmp_path / "store", **fields)
+    rows = store.valid_rows()
+    schedule = BatchSchedule(rows, 3, 1, 0, seed=1, prompt_dropout=0.3, block_rows=8, shuffle_buffer=9)  # groups of 3
+    count = 2 * schedule.micro_batches_per_epoch + 1
+    loaded = list(micro_batch_loader(MicroBatches(str(store.path), schedule, 2, count, objective), 0))
+    assert len(loaded) == count
+    for index, batch in enumerate(loaded, start=2):
+        picked, dropped, _ = schedule.micro_batch(index)
+        single = read_micro_batch(CacheStore.open(store.path), picked, dropped, objective)
+        assert batch.keys() == single.keys()
+        for name, value in single.items():
+            assert torch.equal(batch[name], value), name
+
+
+def test_new_stores_keep_one_chunk_per_shard_and_one_object_per_prompt(tmp_path):
+    store = trainable_store(tmp_path / "store")
+    assert store.layout.rows_per_chunk == 8 and not store.layout.prompt_shards
+    assert store.group["rows"]["latent_chosen"].chunks == (8, 4, 8, 8)
+    assert store.group["prompts"]["embedding"].chunks == (1, 77, 32)
+    assert store.missing_prompt_objects(0) == []
+    lost = store.path / "prompts" / "embedding" / "c" / "1" / "0" / "0"
+    lost.unlink()
+    assert store.missing_prompt_objects(0) == ["prompts/embedding/c/1/0/0"]
+
+
+def test_layout_fields_of_earlier_stores_and_bad_chunking():
+    written_before = make_layout().to_json()
+    del written_before["rows_per_chunk"], written_before["prompt_shards"]
+    earlier = StoreLayout.from_json(written_before)
+    assert earlier.rows_per_chunk == 1 and earlier.prompt_shards
+    assert make_layout(rows_per_shard=4).rows_per_chunk == 4
+    with pytest.raises(Exception, match="rows_per_chunk 3 must divide rows_per_shard 4"):
+        make_layout(rows_per_shard=4, rows_per_chunk=3)
+
+
+def test_the_prompt_cache_serves_the_same_values_within_its_budget(tmp_path):
+    store = trainable_store(tmp_path / "store")
+    uncached = CacheStore.open(store.path)
+    uncached.prompt_cache_bytes = 0
+    one_prompt = 77 * 32 * 2
+    store.prompt_cache_bytes = 2 * one_prompt
+    for indices in ([1, 2, 1], [3, 1, 0, 3], [2, 2], [0, 1, 2, 3]):
+        text, _pooled = store.read_prompt_embeddings(np.array(indices))
+        expected, _ = uncached.read_prompt_embeddings(np.array(indices))
+        np.testing.assert_array_equal(text, expected)
+        assert store._prompt_cache_used <= 2 * one_prompt
+    assert len(store._prompt_cache) == 2
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "bfloat16", "float32"])
+def test_the_loader_hands_over_stored_values_that_become_exactly_the_float32_ones(tmp_path, storage_dtype):
+    store = trainable_store(tmp_path / "store", storage_dtype=storage_dtype)
+    rows = store.valid_rows()[:5]
+    dropped = np.array([False, True, False, False, True])
+    batch = read_micro_batch(store, rows, dropped, "inpo")
+    assert batch["latents"].dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                                      "float32": torch.float32}[storage_dtype]
+    assert batch["text"].shape[0] == len(rows)  # each prompt once per pair
+    inputs = denoiser_inputs(batch)
+    decoded = store.read_rows(rows)
+    np.testing.assert_array_equal(inputs["latents"].numpy(), np.concatenate([decoded.latent_chosen, decoded.latent_rejected]))
+    np.testing.assert_array_equal(inputs["targets"].numpy(), np.concatenate([decoded.target_chosen, decoded.target_rejected]))
+    text, _ = store.read_prompt_embeddings(np.where(dropped, 0, decoded.prompt_index))
+    np.testing.assert_array_equal(inputs["text"].numpy(), np.concatenate([text, text]))
+    assert inputs["latents"].dtype == inputs["text"].dtype == torch.float32

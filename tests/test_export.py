@@ -1,0 +1,130 @@
+"""`inpo export` (stages/export.py, inpo_pipeline/exports.py): each format loaded back and compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from inpo_pipeline.cli import app
+from tests.test_train import FAST, make_store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_sd15, tiny_sdxl, pickapic) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("export")
+    made = {}
+    for name, model in (("sd15", tiny_sd15), ("sdxl", tiny_sdxl)):
+        store = make_store(model, pickapic["path"], folder / f"{name}.zarr")
+        for kind, extra in (("lora", ["--lora-rank", "4"]), ("full", [])):
+            if name == "sdxl" and kind == "full":
+                continue
+            run = folder / f"{name}-{kind}"
+            result = runner.invoke(app, ["train", "--cache", str(store), "--out", str(run), *FAST, "--steps", "2",
+                                         "--lr", "1e-2", "--warmup", "0", *extra])
+            assert result.exit_code == 0, result.output
+            made[f"{name}-{kind}"] = run
+    made["sd15-model"], made["sdxl-model"] = tiny_sd15, tiny_sdxl
+    return made
+
+
+def _unet_output(unet, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled_dim = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled_dim, generator=generator),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500]), encoder_hidden_states=text, **extra).sample
+
+
+def _pipeline(family: str, model: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    return cls.from_pretrained(str(model), **extra)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_kohya_lora_loads_back_and_gives_the_runs_outputs(runs, tmp_path, family):
+    out = tmp_path / "inpo-lora.safetensors"
+    result = runner.invoke(app, ["export", str(runs[f"{family}-lora"]), "--out", str(out), "--format", "kohya"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    assert any(key.endswith(".alpha") for key in keys) and any(key.endswith(".lora_down.weight") for key in keys)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
+    assert json.loads(metadata["inpo_run"])["options"]["lora_rank"] == 4
+
+    base = _pipeline(family, runs[f"{family}-model"])
+    reference = _unet_output(base.unet)
+    trained = _pipeline(family, runs[f"{family}-model"])
+    trained.load_lora_weights(str(runs[f"{family}-lora"] / "lora"))
+    kohya = _pipeline(family, runs[f"{family}-model"])
+    kohya.load_lora_weights(str(out.parent), weight_name=out.name)
+    expected, loaded = _unet_output(trained.unet), _unet_output(kohya.unet)
+    assert (expected - reference).abs().max().item() > 1e-4  # the LoRA moved the UNet
+    assert (loaded - expected).abs().max().item() <= 1e-6 * expected.abs().max().item() + 1e-7
+
+    comfy = tmp_path / "comfy.safetensors"
+    assert runner.invoke(app, ["export", str(runs[f"{family}-lora"]), "--out", str(comfy), "--format", "comfyui"]).exit_code == 0
+    from safetensors.torch import load_file
+
+    kohya_weights, comfy_weights = load_file(str(out)), load_file(str(comfy))  # ComfyUI reads kohya's layout
+    assert kohya_weights.keys() == comfy_weights.keys()
+    assert all(torch.equal(kohya_weights[key], comfy_weights[key]) for key in kohya_weights)
+
+
+def test_diffusers_exports_of_a_lora_and_of_a_full_run(runs, tmp_path):
+    lora = tmp_path / "lora"
+    assert runner.invoke(app, ["export", str(runs["sd15-lora"]), "--out", str(lora)]).exit_code == 0
+    pipe = _pipeline("sd15", runs["sd15-model"])
+    pipe.load_lora_weights(str(lora))
+    direct = _pipeline("sd15", runs["sd15-model"])
+    direct.load_lora_weights(str(runs["sd15-lora"] / "lora"))
+    assert torch.equal(_unet_output(pipe.unet), _unet_output(direct.unet))
+
+    folder = tmp_path / "pipeline"
+    result = runner.invoke(app, ["export", str(runs["sd15-full"]), "--out", str(folder), "--format", "diffusers"])
+    assert result.exit_code == 0, result.output
+    from diffusers import UNet2DConditionModel
+
+    exported = _pipeline("sd15", folder)
+    trained_unet = UNet2DConditionModel.from_pretrained(str(runs["sd15-full"] / "unet"))
+    base = _pipeline("sd15", runs["sd15-model"])
+    assert torch.equal(_unet_output(exported.unet), _unet_output(trained_unet))
+    assert not torch.equal(_unet_output(exported.unet), _unet_output(base.unet))
+
+
+def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path):
+    cases = [
+        ([str(runs["sd15-full"]), "--format", "kohya", "--out", str(tmp_path / "a.safetensors")], "full fine-tune"),
+        ([str(runs["sd15-lora"]), "--format", "kohya", "--out", str(tmp_path / "a.bin")], ".safetensors"),
+        ([str(runs["sd15-lora"]), "--format", "ckpt", "--out", str(tmp_path / "a")], "--format must be one of"),
+        ([str(tmp_path), "--out", str(tmp_path / "a")], "no run.json"),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(app, ["export", *arguments])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    existing = tmp_path / "taken.safetensors"
+    existing.write_text("x")
+    result = runner.invoke(app, ["export", str(runs["sd15-lora"]), "--format", "kohya", "--out", str(existing)])
+    assert result.exit_code == 2 and "--overwrite" in result.output and existing.read_text() == "x"
+    running = tmp_path / "running"
+    running.mkdir()
+    record = json.loads((runs["sd15-lora"] / "run.json").read_text())
+    (running / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    result = runner.invoke(app, ["export", str(running), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "not finished" in result.output
