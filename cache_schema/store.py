@@ -639,12 +639,15 @@ class CacheStore:
                 None if stored_pooled is None else decode_storage(stored_pooled, dtype)[inverse])
 
     def _cache_prompt(self, index: int, entry: tuple[np.ndarray, np.ndarray | None]) -> None:
-        size = entry[0].nbytes + (0 if entry[1] is None else entry[1].nbytes)
+        def size_of(item: tuple[np.ndarray, np.ndarray | None]) -> int:
+            return item[0].nbytes + (0 if item[1] is None else item[1].nbytes)
+
+        size = size_of(entry)
         if size > self.prompt_cache_bytes:
             return
         while self._prompt_cache and self._prompt_cache_used + size > self.prompt_cache_bytes:
             _old, evicted = self._prompt_cache.popitem(last=False)
-            self._prompt_cache_used -= evicted[0].nbytes + (0 if evicted[1] is None else evicted[1].nbytes)
+            self._prompt_cache_used -= size_of(evicted)
         self._prompt_cache[index] = (entry[0].copy(), None if entry[1] is None else entry[1].copy())
         self._prompt_cache_used += size
 

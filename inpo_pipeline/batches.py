@@ -239,14 +239,14 @@ def denoiser_inputs(batch: dict[str, torch.Tensor], device: torch.device | str =
     """A loader micro-batch as the denoiser takes it, on `device`: latents, targets, text and
     pooled in float32 (exact: they were stored in a narrower float), the prompts repeated for the
     rejected images; the other entries moved as they are."""
-    latents = batch["latents"].to(device).float()
-    copies = len(latents) // len(batch["rows"])
-    inputs: dict[str, Any] = {name: None if value is None else value.to(device) for name, value in batch.items()}
-    inputs["latents"] = latents
-    inputs["targets"] = batch["targets"].to(device).float()
-    inputs["text"] = batch["text"].to(device).float().repeat(copies, 1, 1)
-    if batch.get("pooled") is not None:
-        inputs["pooled"] = batch["pooled"].to(device).float().repeat(copies, 1)
+    copies = len(batch["latents"]) // len(batch["rows"])
+    widened = {"latents": 1, "targets": 1, "text": copies, "pooled": copies}  # name: copies on the device
+    inputs: dict[str, Any] = {name: None if value is None else value.to(device)
+                              for name, value in batch.items() if name not in widened}
+    for name, repeats in widened.items():
+        if batch.get(name) is not None:
+            value = batch[name].to(device).float()
+            inputs[name] = value.repeat(repeats, *([1] * (value.dim() - 1))) if repeats > 1 else value
     return inputs
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 COLUMN_ROLES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "chosen", "rejected")
 COLUMN_ALIASES = {"prompt": "caption"}
 MANIFEST_PROMPT_COLUMNS = ("prompt", "caption")
@@ -106,12 +105,15 @@ class ColumnMap:
         return {} if self == ColumnMap() else {k: v for k, v in vars(self).items() if v is not None}
 
     @classmethod
+    def chosen_rejected(cls, caption: str, chosen: str, rejected: str) -> ColumnMap:
+        return cls(caption=caption, jpg_0=None, jpg_1=None, label_0=None, label_1=None, chosen=chosen, rejected=rejected)
+
+    @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> ColumnMap:
         if not data:
             return cls()
         if "chosen" in data:
-            return cls(caption=data.get("caption", "caption"), jpg_0=None, jpg_1=None, label_0=None, label_1=None,
-                       chosen=data["chosen"], rejected=data["rejected"])
+            return cls.chosen_rejected(data.get("caption", "caption"), data["chosen"], data["rejected"])
         return cls(**data)
 
 
@@ -136,8 +138,7 @@ def parse_columns(text: str | None) -> ColumnMap:
             raise DataError(f"--columns {text!r}: chosen and rejected go together")
         if any(role in given for role in ("jpg_0", "jpg_1", "label_0", "label_1")):
             raise DataError(f"--columns {text!r}: give either chosen/rejected or jpg_0/jpg_1/label_0/label_1, not both")
-        return ColumnMap(caption=given.get("caption", "caption"), jpg_0=None, jpg_1=None, label_0=None, label_1=None,
-                         chosen=given["chosen"], rejected=given["rejected"])
+        return ColumnMap.chosen_rejected(given.get("caption", "caption"), given["chosen"], given["rejected"])
     return ColumnMap(**given)
 
 

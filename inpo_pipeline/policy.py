@@ -113,7 +113,8 @@ def save_policy(unet: torch.nn.Module, run_dir: Path, family: str, lora_rank: in
 
 
 def export_pipeline(
-    model: str, run_dir: Path, family: str, lora_rank: int, unet: str | None = None, vae: str | None = None
+    model: str, run_dir: Path, family: str, lora_rank: int, unet: str | None = None, vae: str | None = None,
+    target: Path | None = None,
 ) -> Path:
     """A complete pipeline folder with the trained denoiser (LoRA fused in) that from_pretrained loads.
 
@@ -139,7 +140,7 @@ def export_pipeline(
         pipeline.load_lora_weights(str(run_dir / LORA_FOLDER))
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
-    target = run_dir / PIPELINE_FOLDER
+    target = target or run_dir / PIPELINE_FOLDER  # default: the run's own pipeline/ folder
     pipeline.save_pretrained(str(target), safe_serialization=True)
     return target
 

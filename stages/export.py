@@ -57,8 +57,8 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     if rank > 0:
         _replace(out, lambda target: shutil.copytree(run_dir / LORA_FOLDER, target))
         return {"format": "diffusers", "path": str(out), "kind": "lora"}
-    folder = export_pipeline(settings["model"], run_dir, family, rank, settings.get("unet"), settings.get("vae"))
-    _replace(out, lambda target: shutil.copytree(folder, target))
+    _replace(out, lambda target: export_pipeline(settings["model"], run_dir, family, rank, settings.get("unet"),
+                                                 settings.get("vae"), target=target))
     return {"format": "diffusers", "path": str(out), "kind": f"pipeline ({family_named(family).denoiser_label})"}
 
 

@@ -357,7 +357,7 @@ def _encode_prompts(
     assert reference.text is not None
     done = store.prompt_chunks_done()
     mine = [c for c in range(store.layout.num_prompt_chunks) if c % state.num_processes == state.process_index and not done[c]]
-    if getattr(state, "uncoordinated", False):
+    if state.uncoordinated:
         group, rank = state.state.num_processes, state.state.process_index
         mine += [c for c in range(store.layout.num_prompt_chunks)
                  if not done[c] and c not in mine and c % group == rank]

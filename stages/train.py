@@ -347,9 +347,8 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def _trackers(report_to: str) -> list[str] | None:
-    """accelerate's trackers for --report-to; each must be installed (`pip install 'inpo[trackers]'`)."""
-    if report_to not in REPORT_TO:
-        raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}")
+    """accelerate's trackers for --report-to (checked by `validate`); each must be installed
+    (`pip install 'inpo[trackers]'`)."""
     wanted = list(TRACKER_PACKAGES) if report_to == "all" else [] if report_to == "none" else [report_to]
     for tracker in wanted:
         try:
