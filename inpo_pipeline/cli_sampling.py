@@ -86,8 +86,10 @@ def register(app: typer.Typer) -> None:
             text = f"A mean {section['A']['mean']:.4f}, median {section['A']['median']:.4f}"
             if "B" in section:
                 rate = section["win_rate"]
+                interval = ("one prompt: no interval" if rate["low"] is None else
+                            f"{rate['low']:.1%}, {rate['high']:.1%}; p = {rate['p_value']:.3g}")
                 text += (f"; B mean {section['B']['mean']:.4f}, median {section['B']['median']:.4f}; B wins "
-                         f"{rate['rate']:.1%} [{rate['low']:.1%}, {rate['high']:.1%}] of {rate['n']} pairs")
+                         f"{rate['rate']:.1%} [{interval}] of {rate['n']} pairs, {rate['prompts']} prompts")
             rows.append((name, text))
         paths = report_paths(out)
         rows.append(("report", f"{paths['json']}, {paths['md']}" + (f", {paths['png']}" if "plot" in report else "")))

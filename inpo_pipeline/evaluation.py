@@ -18,12 +18,27 @@ from PIL import Image
 
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.sampling import MANIFEST, describe_model, read_manifest
-from inpo_pipeline.winrate import grouped_win_rates, summary_stats, win_rate
+from inpo_pipeline.stats import INTERVAL_RULE, TEST_RULE, PairedComparison, compare_scores, grouped_comparisons, summary_stats
 
 GROUP_KEYS = ("category", "style")
 TIE_RULE = ("B wins a pair when its score is higher; equal scores (identical images score identically) "
             "are ties and count half: rate = (wins + ties/2) / pairs")
-INTERVAL = "95% Wilson score interval of the rate (ties as half successes)"
+INTERVAL = INTERVAL_RULE
+TEST = TEST_RULE
+
+
+def comparison_entry(comparison: PairedComparison) -> dict[str, Any]:
+    """The report's win-rate entry: counts, rate, its interval and p-value, and Δ with its own."""
+    rate, delta = comparison.win_rate, comparison.mean_difference
+
+    def number(value: float) -> float | None:  # JSON has no NaN: a single prompt's interval is null
+        return None if value != value else value
+
+    return {"wins": comparison.wins, "ties": comparison.ties, "losses": comparison.losses, "n": comparison.n,
+            "rate": rate.estimate, "low": number(rate.low), "high": number(rate.high),
+            "p_value": number(rate.p_value), "prompts": rate.prompts,
+            "mean_difference": {"estimate": delta.estimate, "low": number(delta.low), "high": number(delta.high),
+                                "p_value": number(delta.p_value)}}
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,7 @@ def pixel_digest(image: Image.Image) -> str:
 
 # ------------------------------------------------------------------------------ the report
 def _group_table(scores_a: Sequence[float], scores_b: Sequence[float] | None,
-                 groups: Sequence[str | None]) -> dict[str, Any]:
+                 groups: Sequence[str | None], prompts: Sequence[str]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     labels = ["(none)" if g is None else g for g in groups]
     for group in dict.fromkeys(labels):
@@ -123,21 +138,26 @@ def _group_table(scores_a: Sequence[float], scores_b: Sequence[float] | None,
             entry["B"] = summary_stats([scores_b[i] for i in members])
         table[group] = entry
     if scores_b is not None:
-        for group, rate in grouped_win_rates(scores_a, scores_b, labels).items():
-            table[group]["win_rate"] = rate.to_dict()
+        for group, comparison in grouped_comparisons(scores_a, scores_b, labels, prompts).items():
+            table[group]["win_rate"] = comparison_entry(comparison)
     return table
 
 
 def scorer_section(scores_a: Sequence[float], scores_b: Sequence[float] | None,
-                   groups: Sequence[str | None], identity: Mapping[str, Any]) -> dict[str, Any]:
-    """Statistics of one scorer: per folder, B's win rate over A, and the same per group."""
+                   groups: Sequence[str | None], identity: Mapping[str, Any],
+                   prompts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Statistics of one scorer: per folder, B's win rate over A, and the same per group.
+
+    `prompts` (each pair's prompt) are the clusters of the intervals: a prompt's seeds move together.
+    """
+    prompts = list(prompts) if prompts is not None else [str(i) for i in range(len(scores_a))]
     section: dict[str, Any] = {"available": True, "identity": dict(identity), "A": summary_stats(scores_a)}
     if scores_b is not None:
         section["B"] = summary_stats(scores_b)
         section["mean_difference"] = section["B"]["mean"] - section["A"]["mean"]
-        section["win_rate"] = win_rate(scores_a, scores_b).to_dict()
+        section["win_rate"] = comparison_entry(compare_scores(scores_a, scores_b, prompts))
     if any(group is not None for group in groups):
-        section["by_group"] = _group_table(scores_a, scores_b, groups)
+        section["by_group"] = _group_table(scores_a, scores_b, groups, prompts)
     return section
 
 
@@ -146,7 +166,15 @@ def _fmt(value: float) -> str:
 
 
 def _rate(rate: Mapping[str, Any]) -> str:
-    return f"{rate['rate']:.1%} [{rate['low']:.1%}, {rate['high']:.1%}]"
+    if rate["low"] is None:  # a single prompt has no interval
+        return f"{rate['rate']:.1%} [one prompt: no interval]"
+    return f"{rate['rate']:.1%} [{rate['low']:.1%}, {rate['high']:.1%}], p = {rate['p_value']:.3g}"
+
+
+def _delta(delta: Mapping[str, Any]) -> str:
+    if delta["low"] is None:
+        return f"{delta['estimate']:+.4f}"
+    return f"{delta['estimate']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]"
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -163,13 +191,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                      f"seed(s), {protocol.get('prompts', {}).get('count')} {protocol.get('prompts', {}).get('kind')} prompts")
     if two:
         lines.append(f"- pairs: {report['pairs']} (unpaired: A {report['unpaired']['A']}, B {report['unpaired']['B']})")
-        lines += ["", f"Win rate of B over A. {report['tie_rule']}. Interval: {report['interval']}."]
+        lines += ["", f"Win rate of B over A. {report['tie_rule']}. Interval: {report['interval']}. "
+                      f"p: {report['test']}, against a rate of 50%."]
     lines.append("")
     available = {name: s for name, s in report["scorers"].items() if s["available"]}
     if available:
         if two:
-            lines += ["| scorer | A mean | A median | B mean | B median | B wins / ties / losses | B win rate [95% CI] |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += ["| scorer | A mean | A median | B mean | B median | Δ mean [95% CI] | B wins / ties / losses | B win rate [95% CI], p |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         else:
             lines += ["| scorer | n | mean | median | std |", "| --- | ---: | ---: | ---: | ---: |"]
         for name, section in available.items():
@@ -177,7 +206,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             if two:
                 b, rate = section["B"], section["win_rate"]
                 lines.append(f"| {name} | {_fmt(a['mean'])} | {_fmt(a['median'])} | {_fmt(b['mean'])} | "
-                             f"{_fmt(b['median'])} | {rate['wins']} / {rate['ties']} / {rate['losses']} | {_rate(rate)} |")
+                             f"{_fmt(b['median'])} | {_delta(rate['mean_difference'])} | "
+                             f"{rate['wins']} / {rate['ties']} / {rate['losses']} | {_rate(rate)} |")
             else:
                 lines.append(f"| {name} | {a['n']} | {_fmt(a['mean'])} | {_fmt(a['median'])} | {_fmt(a['std'])} |")
     for name, section in available.items():

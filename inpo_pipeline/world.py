@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline.winrate import wilson_interval
+from inpo_pipeline.stats import compare_paired, wilson_interval
 
 IMAGE_SIZE = 32
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -255,7 +255,7 @@ def bootstrap_mean_interval(values: np.ndarray, seed: int = 0, resamples: int = 
 
 @dataclass
 class Comparison:
-    """Aligned vs base on the same prompts and seeds."""
+    """Aligned vs base on the same prompts and seeds (intervals: `inpo_pipeline.stats`)."""
 
     n: int
     base_mean: float
@@ -269,30 +269,35 @@ class Comparison:
     losses: int
     win_rate: float
     win_interval: tuple[float, float]
+    difference_p_value: float = float("nan")
+    win_p_value: float = float("nan")
+    prompts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def compare(base: np.ndarray, aligned: np.ndarray, seed: int = 0, tie_tolerance: float = 1e-9) -> Comparison:
-    """Mean rewards with bootstrap 95% intervals, the paired difference, and the win rate.
+def compare(base: np.ndarray, aligned: np.ndarray, prompts: Sequence[str] | None = None, seed: int = 0,
+            tie_tolerance: float = 1e-9) -> Comparison:
+    """Mean rewards, the paired difference and the win rate, with 95% intervals and p-values.
 
-    A sample is won when aligned − base > tie_tolerance, tied when |aligned − base| ≤ it; the win
-    rate counts a tie as half a win and its interval is Wilson's.
+    A sample is won when aligned − base > tie_tolerance, tied when |aligned − base| ≤ it (half a
+    win). With `prompts` (each sample's prompt) every interval is the cluster bootstrap of
+    `stats.compare_paired`, a prompt's seeds resampled together, and the p-values its sign-flip
+    test over prompts; without, the samples count as independent.
     """
     base, aligned = np.asarray(base, np.float64), np.asarray(aligned, np.float64)
-    difference = aligned - base
-    wins = int((difference > tie_tolerance).sum())
-    losses = int((difference < -tie_tolerance).sum())
-    ties = len(difference) - wins - losses
-    score = wins + 0.5 * ties
-    n = len(difference)
+    paired = compare_paired(aligned - base, prompts, tie_tolerance=tie_tolerance, seed=seed)
+    base_mean = compare_paired(base, prompts, seed=seed).mean_difference
+    aligned_mean = compare_paired(aligned, prompts, seed=seed).mean_difference
+    delta, rate = paired.mean_difference, paired.win_rate
     return Comparison(
-        n=n, base_mean=float(base.mean()), base_interval=bootstrap_mean_interval(base, seed),
-        aligned_mean=float(aligned.mean()), aligned_interval=bootstrap_mean_interval(aligned, seed),
-        difference=float(difference.mean()), difference_interval=bootstrap_mean_interval(difference, seed),
-        wins=wins, ties=ties, losses=losses, win_rate=score / n if n else float("nan"),
-        win_interval=wilson_interval(score, n) if n else (0.0, 1.0),
+        n=paired.n, base_mean=base_mean.estimate, base_interval=(base_mean.low, base_mean.high),
+        aligned_mean=aligned_mean.estimate, aligned_interval=(aligned_mean.low, aligned_mean.high),
+        difference=delta.estimate, difference_interval=(delta.low, delta.high),
+        wins=paired.wins, ties=paired.ties, losses=paired.losses, win_rate=rate.estimate,
+        win_interval=(rate.low, rate.high), difference_p_value=delta.p_value, win_p_value=rate.p_value,
+        prompts=rate.prompts,
     )
 
 

@@ -11,8 +11,8 @@ base samples (`run_invert`, the real stage one; every objective of that recipe t
 docs/proof.md: lr 3e-5, 100 steps × 16 pairs, warm-up 10; β is each objective's default for the
 family unless `--beta OBJECTIVE=VALUE`), then one evaluation of every run on the held-out
 prompts × seeds, scored by the same reward. Δ reward and win rate against the base are pooled
-over the training runs with a clustered bootstrap (runs, prompts, seeds resampled;
-`inpo_pipeline.winrate.clustered_bootstrap`); `--head-to-head A B` adds A − B on the same
+over the training runs with a cluster bootstrap (runs, and prompts with their seeds, resampled;
+`inpo_pipeline.stats.compare_paired`); `--head-to-head A B` adds A − B on the same
 held-out seeds (seed i of A paired with seed i of B). Writes results.json, results.md and
 results.png under --out; runs and stores that exist are reused.
 """
@@ -36,7 +36,7 @@ from inpo_pipeline import world  # noqa: E402
 from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
 from inpo_pipeline.recipes import RECIPES  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
-from inpo_pipeline.winrate import clustered_bootstrap  # noqa: E402
+from inpo_pipeline.stats import compare_paired  # noqa: E402
 from stages.demo import ensure_world, evaluate, rescored, run_unet, sample_pool, write_dataset  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
 from stages.train import TrainOptions, run_train  # noqa: E402
@@ -70,11 +70,13 @@ def method_name(method: tuple[str, str]) -> str:
 
 def summarise(differences: np.ndarray) -> dict:
     """differences: (runs, prompts, seeds) paired differences."""
-    delta, delta_interval = clustered_bootstrap(differences, "mean")
-    rate, rate_interval = clustered_bootstrap(differences, "win_rate")
+    runs, prompts, seeds = differences.shape
+    result = compare_paired(differences.reshape(runs, prompts * seeds), np.repeat(np.arange(prompts), seeds))
+    delta, rate = result.mean_difference, result.win_rate
     return {
-        "runs": len(differences), "samples_per_run": int(differences[0].size),
-        "delta_reward": delta, "delta_interval": delta_interval, "win_rate": rate, "win_interval": rate_interval,
+        "runs": runs, "samples_per_run": prompts * seeds,
+        "delta_reward": delta.estimate, "delta_interval": (delta.low, delta.high), "delta_p_value": delta.p_value,
+        "win_rate": rate.estimate, "win_interval": (rate.low, rate.high), "win_p_value": rate.p_value,
         "delta_per_seed": [float(d.mean()) for d in differences],
         "win_rate_per_seed": [float(np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5)).mean()) for d in differences],
     }

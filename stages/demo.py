@@ -204,7 +204,7 @@ class Evaluation:
     aligned_images: dict[str, np.ndarray] = field(default_factory=dict)
 
     def comparisons(self) -> dict[str, world.Comparison]:
-        return {name: world.compare(self.base, rewards) for name, rewards in self.aligned.items()}
+        return {name: world.compare(self.base, rewards, self.prompts) for name, rewards in self.aligned.items()}
 
 
 def evaluation_set(eval_seeds: int) -> tuple[list[str], list[int]]:
@@ -364,7 +364,7 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
     for name, images in evaluation.aligned_images.items():
         score = world.REWARDS[datasets[name]["reward"]]
         comparisons[name] = world.compare(score(evaluation.base_images, evaluation.prompts),
-                                          score(images, evaluation.prompts))
+                                          score(images, evaluation.prompts), evaluation.prompts)
     colour_runs = [name for name in runs if datasets[name]["reward"] == "colour"]
     if colour_runs:
         # the grid and the plot show the colour reward (what evaluation.aligned holds)
@@ -387,7 +387,8 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> dict[str
 
 # ------------------------------------------------------------------------------ reporting
 def print_comparisons(reporter: Reporter, comparisons: dict[str, world.Comparison], title: str) -> None:
-    """One row per model: base and aligned mean reward [95% CI], Δ, win rate [Wilson 95% CI]."""
+    """One row per model: base → aligned mean reward, Δ and win rate with their 95% intervals (the
+    p-values are in results.json: the table keeps to 80 columns)."""
     if not reporter.enabled:
         return
     from rich.table import Table
@@ -405,8 +406,9 @@ def print_comparisons(reporter: Reporter, comparisons: dict[str, world.Compariso
             f"{c.win_rate:.1%} [{100 * c.win_interval[0]:.1f}, {100 * c.win_interval[1]:.1f}]",
         )
     reporter.console.print(table)
-    reporter.line(f"(n = {next(iter(comparisons.values())).n} paired samples per row; ties count half)"
-                  if comparisons else "")
+    if comparisons:
+        reporter.line(f"(n = {next(iter(comparisons.values())).n} paired samples per row; ties count half)")
+        reporter.line("(intervals resample prompts with all their seeds; p-values in results.json)")
 
 
 def write_grid(path: Path, evaluation: Evaluation, name: str, seeds_shown: int = 4, scale: int = 3) -> Path:

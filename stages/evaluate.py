@@ -123,7 +123,8 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
         scores = _score_images(scorer, jobs, options.batch_size, reporter)
         scores_a = [scores[(digests[image.path], image.prompt)] for image in images_a]
         scores_b = [scores[(digests[image.path], image.prompt)] for image in images_b] if folder_b else None
-        sections[spec.name] = evaluation.scorer_section(scores_a, scores_b, groups, scorer.identity())
+        sections[spec.name] = evaluation.scorer_section(scores_a, scores_b, groups, scorer.identity(),
+                                                            [image.prompt for image in images_a])
         for i, entry in enumerate(per_image):
             entry["scores"][spec.name] = {"A": scores_a[i], **({"B": scores_b[i]} if scores_b else {})}
         del scorer
@@ -142,7 +143,7 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
     if folder_b is not None:
         report.update(pairs=len(images_a), unpaired={"A": len(folder_a.images) - len(images_a),
                                                      "B": len(folder_b.images) - len(images_b)},
-                      tie_rule=evaluation.TIE_RULE, interval=evaluation.INTERVAL)
+                      tie_rule=evaluation.TIE_RULE, interval=evaluation.INTERVAL, test=evaluation.TEST)
     paths = report_paths(options.out)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     panels = [(f"{name}: A mean {s['A']['mean']:.4g}" + (f", B mean {s['B']['mean']:.4g}" if "B" in s else ""),

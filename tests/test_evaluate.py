@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from inpo_pipeline.plots import COLOURS, PANEL, histogram, value_range
 from inpo_pipeline.reporting import Reporter
 from inpo_pipeline.sampling import MANIFEST, read_manifest
-from inpo_pipeline.winrate import wilson_interval
+from inpo_pipeline.stats import compare_scores
 from stages.evaluate import assign_to_scorers, report_paths
 from stages.sample import SampleOptions, run_sample
 from inpo_pipeline.cli import app
@@ -84,7 +84,11 @@ def test_two_folders_pickscore_report(folders, scorer_files, tmp_path):
     rate = section["win_rate"]
     assert (rate["wins"], rate["ties"], rate["losses"], rate["n"]) == (wins, 0, 6 - wins, 6)
     assert rate["rate"] == pytest.approx(wins / 6)
-    assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(wins, 6))
+    prompts = [i["prompt"] for i in images]
+    expected = compare_scores(a, b, prompts).win_rate  # prompts are the clusters of the interval and the test
+    assert (rate["low"], rate["high"], rate["p_value"]) == pytest.approx((expected.low, expected.high, expected.p_value))
+    assert rate["prompts"] == len(set(prompts)) and 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
+    assert rate["mean_difference"]["estimate"] == pytest.approx(statistics.fmean(b) - statistics.fmean(a))
     groups = section["by_group"]
     assert list(groups) == ["Animals", "Outdoor Scenes"]
     assert [groups[g]["win_rate"]["n"] for g in groups] == [4, 2]
@@ -94,9 +98,10 @@ def test_two_folders_pickscore_report(folders, scorer_files, tmp_path):
 
     markdown = (tmp_path / "report.md").read_text()
     assert f"| pickscore | {statistics.fmean(a):.4f} | {statistics.median(a):.4f} | {statistics.fmean(b):.4f} |" in markdown
-    assert f"{wins} / 0 / {6 - wins} | {wins / 6:.1%} [{rate['low']:.1%}, {rate['high']:.1%}] |" in markdown
+    assert (f"{wins} / 0 / {6 - wins} | {wins / 6:.1%} [{rate['low']:.1%}, {rate['high']:.1%}], "
+            f"p = {rate['p_value']:.3g} |") in markdown
     assert "## pickscore by category" in markdown and "| Outdoor Scenes | 2 |" in markdown
-    assert "ties" in markdown and "Wilson" in markdown
+    assert "ties" in markdown and "cluster bootstrap" in markdown and "sign-flip permutation" in markdown
 
     plot = Image.open(tmp_path / "report.png").convert("RGB")
     assert plot.size == PANEL
@@ -112,7 +117,8 @@ def test_a_folder_against_itself_is_all_ties(folders, scorer_files, tmp_path):
     assert result.exit_code == 0, result.output
     rate = json.loads((tmp_path / "same.json").read_text())["scorers"]["clip"]["win_rate"]
     assert (rate["wins"], rate["ties"], rate["losses"], rate["rate"]) == (0, 6, 0, 0.5)
-    assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(3, 6))
+    # identical images: every prompt's difference is 0, so the interval is the point and nothing is significant
+    assert (rate["low"], rate["high"], rate["p_value"]) == (0.5, 0.5, 1.0)
 
 
 def test_one_folder_with_every_scorer(folders, scorer_files, tmp_path):
