@@ -24,7 +24,7 @@ Wilson's interval (independent samples) is kept for counts where clustering does
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,6 @@ from scipy import stats as scipy_stats
 CONFIDENCE = 0.95
 RESAMPLES = 9999
 Z_95 = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
-TIE_RULE = ("B wins a sample when its score is higher; equal scores are ties and count half: "
-            "rate = (wins + ties/2) / samples")
 INTERVAL_RULE = ("95% cluster bootstrap (scipy.stats.bootstrap, percentile): prompts resampled with all their "
                  "seeds, and training runs where there are several")
 TEST_RULE = "two-sided sign-flip permutation test over prompts (scipy.stats.permutation_test)"
@@ -81,7 +79,7 @@ def outcomes(differences: Any, tie_tolerance: float = 0.0) -> np.ndarray:
 class PairedStatistic:
     """One statistic of paired differences: estimate, 95% interval, p-value against `null`."""
 
-    statistic: str  # "mean_difference" or "win_rate"
+    statistic: str  # "mean_difference", "win_rate" or "mean" (clustered_mean)
     estimate: float
     low: float
     high: float
@@ -90,9 +88,6 @@ class PairedStatistic:
     samples: int
     prompts: int
     runs: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -108,10 +103,6 @@ class PairedComparison:
     @property
     def n(self) -> int:
         return self.wins + self.ties + self.losses
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean_difference": self.mean_difference.to_dict(), "win_rate": self.win_rate.to_dict(),
-                "wins": self.wins, "ties": self.ties, "losses": self.losses, "n": self.n}
 
 
 def _cluster_index(prompts: Sequence[Hashable] | None, n: int) -> tuple[np.ndarray, int]:
@@ -162,6 +153,26 @@ def _paired_statistic(values: np.ndarray, cluster: np.ndarray, clusters: int, nu
     return PairedStatistic(name, estimate, low, high, p_value, null, samples, clusters, runs)
 
 
+def _runs_by_samples(differences: Any) -> np.ndarray:
+    values = np.asarray(differences, np.float64)
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
+        raise ValueError("differences must have shape (samples,) or (runs, samples), each at least 1")
+    if not np.isfinite(values).all():
+        raise ValueError("differences must be finite")
+    return values
+
+
+def clustered_mean(values: Any, prompts: Sequence[Hashable] | None = None, *, resamples: int = RESAMPLES,
+                   seed: int = 0) -> PairedStatistic:
+    """The mean of (samples,) or (runs, samples) values with `compare_paired`'s interval and test (against 0),
+    for a quantity that is not a difference (one model's mean reward) and so has no win rate."""
+    values = _runs_by_samples(values)
+    cluster, clusters = _cluster_index(prompts, values.shape[1])
+    return _paired_statistic(values, cluster, clusters, 0.0, "mean", resamples, seed)
+
+
 def compare_paired(differences: Any, prompts: Sequence[Hashable] | None = None, *, tie_tolerance: float = 0.0,
                    resamples: int = RESAMPLES, seed: int = 0) -> PairedComparison:
     """Δ and win rate of paired differences with cluster-bootstrap intervals and sign-flip p-values.
@@ -171,13 +182,7 @@ def compare_paired(differences: Any, prompts: Sequence[Hashable] | None = None, 
     `prompts`: each sample's prompt (its cluster); None treats the samples as independent. With a
     single prompt no interval or p-value exists (NaN): one prompt says nothing about others.
     """
-    values = np.asarray(differences, np.float64)
-    if values.ndim == 1:
-        values = values[None]
-    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
-        raise ValueError("differences must have shape (samples,) or (runs, samples), each at least 1")
-    if not np.isfinite(values).all():
-        raise ValueError("differences must be finite")
+    values = _runs_by_samples(differences)
     cluster, clusters = _cluster_index(prompts, values.shape[1])
     won = outcomes(values, tie_tolerance)
     return PairedComparison(

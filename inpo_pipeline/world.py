@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline.stats import compare_paired, wilson_interval
+from inpo_pipeline.stats import clustered_mean, compare_paired, wilson_interval
 
 IMAGE_SIZE = 32
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -288,8 +288,7 @@ def compare(base: np.ndarray, aligned: np.ndarray, prompts: Sequence[str] | None
     """
     base, aligned = np.asarray(base, np.float64), np.asarray(aligned, np.float64)
     paired = compare_paired(aligned - base, prompts, tie_tolerance=tie_tolerance, seed=seed)
-    base_mean = compare_paired(base, prompts, seed=seed).mean_difference
-    aligned_mean = compare_paired(aligned, prompts, seed=seed).mean_difference
+    base_mean, aligned_mean = clustered_mean(base, prompts, seed=seed), clustered_mean(aligned, prompts, seed=seed)
     delta, rate = paired.mean_difference, paired.win_rate
     return Comparison(
         n=paired.n, base_mean=base_mean.estimate, base_interval=(base_mean.low, base_mean.high),
