@@ -1,4 +1,4 @@
-"""`inpo sample` and `inpo eval`: parse, call a stage, print. `register(app)` adds them to the CLI."""
+"""`inpo sample`, `inpo eval` and `inpo label`: parse, call a stage, print. `register(app)` adds them to the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from inpo_pipeline.reporting import Reporter
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `sample` and `eval` commands to `app`."""
+    """Add the `sample`, `eval` and `label` commands to `app`."""
     from inpo_pipeline.cli import _user_errors
 
     @app.command()
@@ -96,3 +96,36 @@ def register(app: typer.Typer) -> None:
         reporter.table("inpo eval", rows)
         if not any(section["available"] for section in report["scorers"].values()):
             raise typer.Exit(1)
+
+    @app.command()
+    @_user_errors
+    def label(
+        samples: Annotated[str, typer.Argument(help="Sample folder of `inpo sample --seeds K` (K >= 2): each prompt's images are paired by seed.")],
+        scorer: Annotated[str, typer.Option(help="pickscore, clip, aesthetic, hps, imagereward, or shapes (the shapes world's reward).")],
+        out: Annotated[str, typer.Option(help="The dataset: a Pick-a-Pic v2 layout .parquet for `inpo invert --data`.")],
+        scorer_model: Annotated[str | None, typer.Option(help="The scorer's weights (as in `inpo eval`); for shapes, which reward (default colour).")] = None,
+        processor: Annotated[str | None, typer.Option(help="The CLIP processor (default: the scorer's published one).")] = None,
+        backbone: Annotated[str | None, typer.Option(help="CLIP under the aesthetic head / CLIP config for hps.")] = None,
+        tie_margin: Annotated[float, typer.Option(help="A score gap of at most this is a tie (label 0.5; stage one drops ties).")] = 0.0,
+        batch_size: Annotated[int, typer.Option(help="Pairs per scorer call.")] = 16,
+        device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    ) -> None:
+        """Label a sample folder's image pairs with a scorer: a preference dataset (AI feedback)."""
+        from inpo_pipeline.sampling import describe_model
+        from stages.label import LabelOptions, run_label
+
+        options = LabelOptions(samples=samples, out=out, scorer=scorer, scorer_model=scorer_model, processor=processor,
+                               backbone=backbone, tie_margin=tie_margin, batch_size=batch_size, device=device,
+                               overwrite=overwrite)
+        reporter = Reporter()
+        summary = run_label(options, reporter)
+        decided = summary["pairs"] - summary["ties"]
+        reporter.table("inpo label", [
+            ("dataset", summary["out"]),
+            ("pairs", f"{summary['pairs']}: {summary['ties']} ties (margin {summary['tie_margin']:g}), image 0 preferred in "
+                      f"{summary['first_preferred']} of {decided}; {summary['unpaired_images']} images without a partner"),
+            ("scorer", ", ".join(f"{k} {v}" for k, v in summary["scorer"].items() if v)),
+            ("source", f"{summary['source']['folder']} ({describe_model(summary['source']['model'])})"),
+            ("wall time", f"{summary['seconds']:.1f} s"),
+        ])

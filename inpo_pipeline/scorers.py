@@ -12,6 +12,9 @@
   is mapped key by key onto transformers' CLIPModel (:func:`openclip_to_transformers`) and read
   with ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
   plain containers.
+* **shapes** — the shapes world's known reward (`inpo_pipeline.world.REWARDS`; ``--scorer-model``
+  names which, default ``colour``): the truth of the test world, for `inpo label` and `inpo eval`
+  runs whose result can be checked.
 * **imagereward** — only when the ``ImageReward`` package imports; otherwise the scorer is
   reported as unavailable (:class:`ScorerUnavailable`), never imitated.
 
@@ -31,7 +34,8 @@ from PIL import Image
 
 from inpo_pipeline.errors import UserError
 
-SCORERS = ("pickscore", "clip", "aesthetic", "hps", "imagereward")
+SCORERS = ("pickscore", "clip", "aesthetic", "hps", "imagereward", "shapes")
+SHAPES_DEFAULT_REWARD = "colour"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 VIT_L_14 = "openai/clip-vit-large-patch14"
@@ -87,6 +91,14 @@ def resolve_spec(name: str, model: str | None = None, processor: str | None = No
             raise UserError(f"--scorer {name} needs --scorer-model {name}=PATH: {what}")
         backbone = backbone or (VIT_L_14 if name == "aesthetic" else VIT_H_14)
         return ScorerSpec(name, model, processor or backbone, backbone)
+    if name == "shapes":
+        from inpo_pipeline.world import REWARDS
+
+        model = model or SHAPES_DEFAULT_REWARD
+        if model not in REWARDS:
+            raise UserError(f"--scorer shapes: --scorer-model {model!r} is not a shapes-world reward; "
+                            f"choose from {', '.join(REWARDS)}")
+        return ScorerSpec(name, model)
     return ScorerSpec(name, model or IMAGEREWARD_MODEL)
 
 
@@ -214,6 +226,22 @@ class ImageRewardScorer(Scorer):
 
 
 # ------------------------------------------------------------------------------ checkpoints
+class ShapesRewardScorer(Scorer):
+    """The shapes world's reward `spec.model` of the image's pixels and its prompt (uint8 RGB)."""
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        import numpy as np
+
+        from inpo_pipeline.world import REWARDS
+
+        pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
+        try:
+            values = REWARDS[str(self.spec.model)](pixels, list(prompts))
+        except ValueError as error:
+            raise UserError(f"--scorer shapes scores shapes-world samples: {error}") from error
+        return [float(value) for value in values]
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A tensor state dict from .safetensors or a torch file (tensors and plain containers only).
 
@@ -406,6 +434,8 @@ def load_scorer(spec: ScorerSpec, device: torch.device) -> Scorer:
         except Exception as error:
             raise UserError(f"cannot load ImageReward {spec.model}: {_first_line(error)}") from error
         return ImageRewardScorer(spec, model)
+    if spec.name == "shapes":
+        return ShapesRewardScorer(spec)
     assert spec.processor is not None
     processor = load_processor(spec.processor)
     if spec.name in ("pickscore", "clip"):
