@@ -325,10 +325,12 @@ def export(
 def _register_commands() -> None:
     """Commands defined next to their stages' option sets."""
     from inpo_pipeline.cli_demo import register as register_demo
+    from inpo_pipeline.cli_rounds import register as register_rounds
     from inpo_pipeline.cli_sampling import register as register_sampling
 
     register_sampling(app)
     register_demo(app)
+    register_rounds(app)
 
 
 def _quiet_libraries() -> None:
