@@ -24,9 +24,13 @@ example out="example-output": install
 test *args: install
     {{bin}}/python -m pytest {{args}}
 
-# Tests marked slow (the reduced demo: win rate and shuffled control), kept out of the default suite; CI runs them too.
+# Tests marked slow (the reduced demos, every reward kind, the reduced experiment sweeps), kept out of the default suite; CI runs them too.
 test-slow *args: install
     {{bin}}/python -m pytest -m slow {{args}}
+
+# docs/experiments.md's sweeps in the shapes world (mirror protocol, 3 seeds; about an hour or two on 2 cores).
+experiments out="experiments-output" *args: install
+    OMP_NUM_THREADS=2 {{bin}}/python scripts/experiments.py --out {{out}} --docs docs {{args}}
 
 # Stage-one benchmark on a small UNet config (writes a JSON report to stdout).
 bench-invert *args: install

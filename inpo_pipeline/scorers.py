@@ -13,7 +13,8 @@
   with ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
   plain containers.
 * **shapes** — the shapes world's known reward (`inpo_pipeline.world.REWARDS`; ``--scorer-model``
-  names which, default ``colour``): the truth of the test world, for `inpo label` and `inpo eval`
+  names which, default ``colour``; ``-NAME`` negates it; ``random@SEED`` is a seeded score that
+  knows nothing, for controls): the truth of the test world, for `inpo label` and `inpo eval`
   runs whose result can be checked.
 * **imagereward** — only when the ``ImageReward`` package imports; otherwise the scorer is
   reported as unavailable (:class:`ScorerUnavailable`), never imitated.
@@ -95,9 +96,10 @@ def resolve_spec(name: str, model: str | None = None, processor: str | None = No
         from inpo_pipeline.world import REWARDS
 
         model = model or SHAPES_DEFAULT_REWARD
-        if model not in REWARDS:
-            raise UserError(f"--scorer shapes: --scorer-model {model!r} is not a shapes-world reward; "
-                            f"choose from {', '.join(REWARDS)}")
+        reward_name, at, seed = model.removeprefix("-").partition("@")
+        if not ((reward_name in REWARDS and not at) or (reward_name == "random" and (not at or seed.isdigit()))):
+            raise UserError(f"--scorer shapes: --scorer-model {model!r} is not a shapes-world reward; choose from "
+                            f"{', '.join(REWARDS)}, random@SEED (a control), each optionally negated (-colour)")
         return ScorerSpec(name, model)
     return ScorerSpec(name, model or IMAGEREWARD_MODEL)
 
@@ -227,19 +229,38 @@ class ImageRewardScorer(Scorer):
 
 # ------------------------------------------------------------------------------ checkpoints
 class ShapesRewardScorer(Scorer):
-    """The shapes world's reward `spec.model` of the image's pixels and its prompt (uint8 RGB)."""
+    """The shapes world's reward `spec.model` of the image's pixels and its prompt (uint8 RGB).
+
+    `-NAME` negates the reward (labels reversed: a mirror run); `random@SEED` is `random_score`.
+    """
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         import numpy as np
 
         from inpo_pipeline.world import REWARDS
 
+        model = str(self.spec.model)
+        sign = -1.0 if model.startswith("-") else 1.0
+        reward_name, _, seed = model.removeprefix("-").partition("@")
         pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
+        if reward_name == "random":
+            return [sign * random_score(array, prompt, int(seed or 0)) for array, prompt in zip(pixels, prompts)]
         try:
-            values = REWARDS[str(self.spec.model)](pixels, list(prompts))
+            values = REWARDS[reward_name](pixels, list(prompts))
         except ValueError as error:
             raise UserError(f"--scorer shapes scores shapes-world samples: {error}") from error
-        return [float(value) for value in values]
+        return [sign * float(value) for value in values]
+
+
+def random_score(pixels: Any, prompt: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (pixels, prompt, seed) and nothing else: a scorer that
+    knows nothing, so its labels are a fair coin per pair (the shuffled control of on-policy data)."""
+    import hashlib
+
+    hasher = hashlib.sha256(int(seed).to_bytes(8, "little"))
+    hasher.update(prompt.encode())
+    hasher.update(pixels.tobytes())
+    return int.from_bytes(hasher.digest()[:8], "little") / 2.0**64
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

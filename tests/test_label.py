@@ -151,3 +151,20 @@ def test_a_failed_labelling_leaves_nothing(samples, tmp_path):
     with pytest.raises(UserError, match="names none of the colours"):
         run_label(LabelOptions(samples=str(foreign), out=str(out), scorer="shapes"))
     assert list(tmp_path.glob("*failed*")) == [] and list(tmp_path.glob(".*labelling")) == []
+
+
+def test_negated_and_random_shapes_scorers_give_mirror_and_coin_labels(samples, tmp_path):
+    plain = pq.read_table(run_label(LabelOptions(samples=str(samples), out=str(tmp_path / "plain.parquet"),
+                                                 scorer="shapes"))["out"])
+    negated = pq.read_table(run_label(LabelOptions(samples=str(samples), out=str(tmp_path / "neg.parquet"),
+                                                   scorer="shapes", scorer_model="-colour"))["out"])
+    np.testing.assert_array_equal(np.array(negated["label_0"].to_pylist()), 1.0 - np.array(plain["label_0"].to_pylist()))
+    np.testing.assert_array_equal(np.array(negated["score_0"].to_pylist()), -np.array(plain["score_0"].to_pylist()))
+    coin = [pq.read_table(run_label(LabelOptions(samples=str(samples), out=str(tmp_path / f"r{seed}-{i}.parquet"),
+                                                 scorer="shapes", scorer_model=f"random@{seed}"))["out"])
+            for i, seed in enumerate((0, 0, 1))]
+    assert coin[0]["score_0"].to_pylist() == coin[1]["score_0"].to_pylist() != coin[2]["score_0"].to_pylist()
+    assert all(0 <= value < 1 for value in coin[0]["score_0"].to_pylist())
+    with pytest.raises(UserError, match="not a shapes-world reward"):
+        run_label(LabelOptions(samples=str(samples), out=str(tmp_path / "bad.parquet"), scorer="shapes",
+                               scorer_model="random@x"))
