@@ -1,21 +1,37 @@
-"""Score-distribution plots drawn with PIL (no plotting library): one panel per scorer.
+"""The report plots, drawn with matplotlib (Agg, no screen).
 
-Each panel overlays the histograms of directory A (blue) and B (orange) on a shared range,
-with a dashed line at each mean, a labelled score axis and the largest bin count.
+* :func:`draw_score_distributions` — `inpo eval`: one panel per scorer, the histograms of
+  directory A (blue) and B (orange) on a shared range, a dashed line at each mean.
+* :func:`draw_reward_comparison` — `inpo demo` / `inpo world eval`: each sample's reward, aligned
+  against base, and each model's mean reward with its prompt-clustered 95% interval
+  (`stats.clustered_mean`: the same interval the tables print).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
 
 COLOURS = {"A": (31, 119, 180), "B": (255, 127, 14)}
-PANEL = (720, 260)
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 20, 40, 44
+PANEL = (720, 260)  # pixels per panel (width, height)
+DPI = 100
 BINS = 24
-BAR_ALPHA = 120
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(channel / 255 for channel in colour)  # type: ignore[return-value]
 
 
 def value_range(values: Sequence[float]) -> tuple[float, float]:
@@ -24,66 +40,12 @@ def value_range(values: Sequence[float]) -> tuple[float, float]:
     return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
 
 
-def histogram(values: Sequence[float], lo: float, hi: float, bins: int = BINS) -> list[int]:
-    """Counts in `bins` equal bins over [lo, hi]; the last bin includes hi, values outside are dropped."""
-    counts = [0] * bins
-    width = (hi - lo) / bins
-    for value in values:
-        if lo <= value <= hi:
-            counts[min(int((value - lo) / width), bins - 1)] += 1
-    return counts
-
-
-def _dashed_vertical(draw: ImageDraw.ImageDraw, x: float, top: int, bottom: int, colour: tuple[int, ...]) -> None:
-    for y in range(top, bottom, 8):
-        draw.line([(x, y), (x, min(y + 4, bottom))], fill=colour, width=2)
-
-
-def _panel(title: str, series: Mapping[str, Sequence[float]], labels: Mapping[str, str]) -> Image.Image:
-    width, height = PANEL
-    image = Image.new("RGBA", PANEL, (255, 255, 255, 255))
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = MARGIN_LEFT, width - MARGIN_RIGHT, MARGIN_TOP, height - MARGIN_BOTTOM
-    everything = [v for values in series.values() for v in values]
-    lo, hi = value_range(everything)
-    counts = {name: histogram(values, lo, hi) for name, values in series.items()}
-    tallest = max(max(c) for c in counts.values()) or 1
-    draw.text((left, 8), title, fill=(0, 0, 0), font=font)
-
-    def x_of(value: float) -> float:
-        return left + (value - lo) / (hi - lo) * (right - left)
-
-    bar_width = (right - left) / BINS
-    for name, bins in counts.items():
-        overlay = Image.new("RGBA", PANEL, (0, 0, 0, 0))
-        bars = ImageDraw.Draw(overlay)
-        for i, count in enumerate(bins):
-            if count:
-                x0 = left + i * bar_width
-                bars.rectangle([x0 + 1, bottom - count / tallest * (bottom - top), x0 + bar_width - 1, bottom],
-                               fill=(*COLOURS[name], BAR_ALPHA), outline=(*COLOURS[name], 255))
-        image = Image.alpha_composite(image, overlay)
-    draw = ImageDraw.Draw(image)
-    for name, values in series.items():
-        _dashed_vertical(draw, x_of(sum(values) / len(values)), top, bottom, (*COLOURS[name], 255))
-    draw.line([(left, bottom), (right, bottom)], fill=(0, 0, 0), width=1)
-    draw.line([(left, top), (left, bottom)], fill=(0, 0, 0), width=1)
-    for k in range(5):
-        value = lo + (hi - lo) * k / 4
-        x = x_of(value)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=(0, 0, 0))
-        text = f"{value:.4g}"
-        draw.text((x - draw.textlength(text, font=font) / 2, bottom + 6), text, fill=(0, 0, 0), font=font)
-    draw.text((4, top), str(tallest), fill=(0, 0, 0), font=font)
-    draw.text((4, bottom - 10), "0", fill=(0, 0, 0), font=font)
-    legend_x = right - 260
-    for row, name in enumerate(series):
-        y = 8 + row * 14
-        draw.rectangle([legend_x, y + 2, legend_x + 10, y + 10], fill=(*COLOURS[name], 255))
-        draw.text((legend_x + 16, y), labels.get(name, name)[:40], fill=(0, 0, 0), font=font)
-    draw.text((left, height - 16), "score (dashed: mean)", fill=(80, 80, 80), font=font)
-    return image
+def _save(figure: Any, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=DPI)
+    _pyplot().close(figure)
+    return path
 
 
 def draw_score_distributions(
@@ -93,10 +55,61 @@ def draw_score_distributions(
     """Write a PNG with one histogram panel per (title, {"A": scores, "B": scores}) and return its path."""
     if not panels:
         raise ValueError("nothing to plot")
+    plt = _pyplot()
     width, height = PANEL
-    canvas = Image.new("RGB", (width, height * len(panels)), (255, 255, 255))
-    for row, (title, series) in enumerate(panels):
-        canvas.paste(_panel(title, series, labels or {}).convert("RGB"), (0, row * height))
-    path = Path(path)
-    canvas.save(path, format="PNG")
-    return path
+    figure, axes = plt.subplots(len(panels), 1, figsize=(width / DPI, height * len(panels) / DPI), squeeze=False)
+    for axis, (title, series) in zip(axes[:, 0], panels):
+        lo, hi = value_range([v for values in series.values() for v in values])
+        for name, values in series.items():
+            colour = _rgb(COLOURS[name])
+            axis.hist(values, bins=BINS, range=(lo, hi), color=colour, alpha=0.45, edgecolor=colour,
+                      label=(labels or {}).get(name, name)[:40])
+            axis.axvline(float(np.mean(values)), color=colour, linestyle="--", linewidth=2)
+        axis.set_title(title, fontsize=9, loc="left")
+        axis.set_xlabel("score (dashed: mean)", fontsize=8)
+        axis.set_ylabel("images", fontsize=8)
+        axis.tick_params(labelsize=7)
+        legend = axis.legend(fontsize=7, loc="upper right")
+        for handle in legend.legend_handles:
+            handle.set_alpha(1.0)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def draw_reward_comparison(path: Path | str, base: np.ndarray, aligned: Mapping[str, np.ndarray],
+                           prompts: Sequence[Hashable], scatter: str | None = None) -> Path:
+    """Left: each sample's reward under the `scatter` model (default: the first) against the base's,
+    with the diagonal. Right: each model's mean reward with its 95% interval clustered by prompt."""
+    from inpo_pipeline.stats import clustered_mean
+
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    main_name = scatter or next(iter(aligned), None)
+    main = aligned[main_name] if main_name is not None else base
+    top = float(max(base.max(), main.max(), 1e-6)) * 1.05
+    better = main > base
+    left.scatter(base[better], main[better], s=6, color="tab:blue", label="aligned higher")
+    left.scatter(base[~better], main[~better], s=6, color="tab:red", label="base higher or equal")
+    left.plot([0, top], [0, top], color="grey", linewidth=0.8)
+    left.set_xlim(0, top)
+    left.set_ylim(0, top)
+    left.set_xlabel("base reward")
+    left.set_ylabel(f"aligned ({main_name}) reward" if main_name else "reward")
+    left.set_title("reward per sample (same prompt and seed)", fontsize=9)
+    left.legend(fontsize=7)
+    names = ["base", *aligned]
+    means, lows, highs = [], [], []
+    for name in names:
+        statistic = clustered_mean(base if name == "base" else aligned[name], list(prompts))
+        means.append(statistic.estimate)
+        lows.append(statistic.low)
+        highs.append(statistic.high)
+    means_array = np.array(means)
+    errors = [np.nan_to_num(means_array - np.array(lows)), np.nan_to_num(np.array(highs) - means_array)]
+    right.bar(range(len(names)), means_array, yerr=errors, capsize=4,
+              color=["lightgrey", *["tab:blue"] * len(aligned)])
+    right.set_xticks(range(len(names)), [name[:12] for name in names], fontsize=7, rotation=20)
+    right.set_ylabel("mean reward")
+    right.set_title("mean reward, 95% interval (prompts resampled)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)

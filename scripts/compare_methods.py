@@ -83,44 +83,39 @@ def summarise(differences: np.ndarray) -> dict:
 
 
 def draw_plot(path: Path, rows: list[dict], labelings: list[str]) -> None:
-    """Δ reward with its 95% interval per method (one column per labelling), a zero line."""
-    from PIL import Image, ImageDraw
+    """Δ reward with its 95% interval per method (one panel per reward × labelling), a zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(row["method"] for row in rows if "vs" not in row))
     rewards = list(dict.fromkeys(row["reward"] for row in rows))
-    panel_w, panel_h, margin, label_w = 220, 26 * len(methods) + 30, 24, 150
-    canvas = Image.new("RGB", (label_w + len(labelings) * (panel_w + margin) + margin,
-                               len(rewards) * (panel_h + margin) + margin), "white")
-    draw = ImageDraw.Draw(canvas)
+    figure, axes = plt.subplots(len(rewards), len(labelings), squeeze=False,
+                                figsize=(3.4 * len(labelings) + 1.5, 0.35 * len(methods) * len(rewards) + 1.2 * len(rewards)))
     for r_index, reward_name in enumerate(rewards):
-        subset = [row for row in rows if row["reward"] == reward_name and "vs" not in row]
-        bound = max(max(abs(row["delta_interval"][0]), abs(row["delta_interval"][1])) for row in subset) * 1.1 or 1.0
-        top = margin + r_index * (panel_h + margin)
-        for m_index, method in enumerate(methods):
-            draw.text((6, top + 22 + 26 * m_index), method, fill="black")
         for l_index, labeling in enumerate(labelings):
-            left = label_w + l_index * (panel_w + margin)
-            draw.rectangle([left, top + 14, left + panel_w, top + panel_h], outline="black")
-            draw.text((left, top), f"{reward_name} reward, {labeling} labels: change, +-{bound:.3f}", fill="black")
-            zero = left + panel_w / 2
-            draw.line([zero, top + 14, zero, top + panel_h], fill=(150, 150, 150))
+            axis = axes[r_index, l_index]
             for m_index, method in enumerate(methods):
-                match = [row for row in subset if row["method"] == method and row["labels"] == labeling]
+                match = [row for row in rows if row["reward"] == reward_name and row["labels"] == labeling
+                         and row["method"] == method and "vs" not in row]
                 if not match:
                     continue
                 row = match[0]
-                y = top + 28 + 26 * m_index
-
-                def x(value: float) -> float:
-                    return zero + value / bound * panel_w / 2
-
-                colour = (30, 90, 200) if row["delta_interval"][0] > 0 else (
-                    (200, 60, 30) if row["delta_interval"][1] < 0 else (110, 110, 110))
-                draw.line([x(row["delta_interval"][0]), y, x(row["delta_interval"][1]), y], fill=colour, width=3)
-                cx = x(row["delta_reward"])
-                draw.ellipse([cx - 4, y - 4, cx + 4, y + 4], fill=colour)
+                low, high = row["delta_interval"]
+                colour = "tab:blue" if low > 0 else "tab:red" if high < 0 else "grey"
+                axis.errorbar([row["delta_reward"]], [m_index], xerr=[[row["delta_reward"] - low], [high - row["delta_reward"]]],
+                              fmt="o", color=colour, capsize=3)
+            axis.axvline(0, color="black", linewidth=0.8)
+            axis.set_yticks(range(len(methods)), methods if l_index == 0 else [""] * len(methods), fontsize=7)
+            axis.invert_yaxis()
+            axis.set_title(f"{reward_name} reward, {labeling} labels", fontsize=8)
+            axis.set_xlabel("Δ reward vs base [95% CI]", fontsize=7)
+            axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> None:

@@ -441,44 +441,9 @@ def write_grid(path: Path, evaluation: Evaluation, name: str, seeds_shown: int =
 
 
 def write_reward_plot(path: Path, evaluation: Evaluation) -> Path:
-    """Left: each sample's reward, base (x) vs aligned with true labels (y), and the diagonal.
-    Right: mean reward with 95% bootstrap intervals, base and each aligned model."""
-    from PIL import Image, ImageDraw
+    """Each sample's reward, aligned (true labels) against base, and every model's mean reward with
+    its prompt-clustered 95% interval (`plots.draw_reward_comparison`)."""
+    from inpo_pipeline.plots import draw_reward_comparison
 
-    panel, margin = 240, 30
-    canvas = Image.new("RGB", (2 * panel + 3 * margin, panel + 2 * margin), "white")
-    draw = ImageDraw.Draw(canvas)
-    main = evaluation.aligned.get("reward", next(iter(evaluation.aligned.values()), evaluation.base))
-    top = float(max(evaluation.base.max(), main.max(), 1e-6)) * 1.05
-
-    def scatter_xy(x: float, y: float) -> tuple[float, float]:
-        return margin + x / top * panel, margin + panel - y / top * panel
-
-    draw.rectangle([margin, margin, margin + panel, margin + panel], outline="black")
-    draw.line([scatter_xy(0, 0), scatter_xy(top, top)], fill=(150, 150, 150))
-    for b, a in zip(evaluation.base, main):
-        x, y = scatter_xy(float(b), float(a))
-        draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(30, 90, 200) if a > b else (200, 60, 30))
-    draw.text((margin, 4), "reward per sample: aligned (y) vs base (x)", fill="black")
-    draw.text((margin, margin + panel + 6), f"0 … {top:.2f}", fill="black")
-
-    bars = [("base", evaluation.base), *evaluation.aligned.items()]
-    left = 2 * margin + panel
-    draw.rectangle([left, margin, left + panel, margin + panel], outline="black")
-    draw.text((left, 4), "mean reward, 95% bootstrap CI", fill="black")
-    highest = max(float(np.mean(v)) for _, v in bars) * 1.3 or 1.0
-    width = panel / (len(bars) * 1.5 + 0.5)
-    for i, (name, values) in enumerate(bars):
-        low, high = world.bootstrap_mean_interval(values)
-        x0 = left + width * (0.5 + 1.5 * i)
-        y = margin + panel - float(np.mean(values)) / highest * panel
-        draw.rectangle([x0, y, x0 + width, margin + panel], fill=(120, 160, 220) if name != "base" else (170, 170, 170))
-        for bound in (low, high):
-            yb = margin + panel - bound / highest * panel
-            draw.line([x0 + width * 0.3, yb, x0 + width * 0.7, yb], fill="black")
-        draw.line([x0 + width / 2, margin + panel - low / highest * panel, x0 + width / 2,
-                   margin + panel - high / highest * panel], fill="black")
-        draw.text((x0, margin + panel + 6), name[:8], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
-    return path
+    return draw_reward_comparison(path, evaluation.base, evaluation.aligned, evaluation.prompts,
+                                  scatter="reward" if "reward" in evaluation.aligned else None)
