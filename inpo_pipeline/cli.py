@@ -160,6 +160,12 @@ def train(
                                                      "grows with it.")] = 1024,
     report_to: Annotated[str, typer.Option(help="Also log every step's metrics to tensorboard, wandb or all (accelerate's "
                                                 "trackers, files in --out; pip install 'inpo[trackers]'), or none.")] = "none",
+    validation_prompts: Annotated[str | None, typer.Option(help="Prompt set (as `inpo sample --prompts`) sampled with the "
+                                                                "policy into RUN/validation/step-N.png and the trackers.")] = None,
+    validation_every: Annotated[int | None, typer.Option(help="Validation grid every N steps and at the end "
+                                                              "[--checkpoint-every].")] = None,
+    validation_seeds: Annotated[int, typer.Option(help="Validation seeds per prompt (grid columns).")] = 2,
+    validation_steps: Annotated[int, typer.Option(help="Sampling steps of the validation images.")] = 20,
 ) -> None:
     """Train the policy UNet from a cache store alone (DDIM-InPO loss, or a baseline)."""
     from inpo_pipeline.distributed import process_state
@@ -173,6 +179,8 @@ def train(
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume, seed=seed,
         export_pipeline=export_pipeline, num_workers=num_workers, winner_preserving=winner_preserving,
         data_order=data_order, shuffle_buffer=shuffle_buffer, report_to=report_to,
+        validation_prompts=validation_prompts, validation_every=validation_every, validation_seeds=validation_seeds,
+        validation_steps=validation_steps,
     )
     reporter = Reporter(enabled=process_state().is_main_process)
     result = run_train(options, reporter)

@@ -87,6 +87,10 @@ class TrainOptions:
     data_order: str = "blocks"  # "blocks": stored blocks shuffled in a buffer; "rows": a full permutation
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows mixed together over all processes (blocks order)
     report_to: str = "none"  # accelerate trackers: none, tensorboard, wandb or all
+    validation_prompts: str | None = None  # a prompt set sampled with the policy (inpo_pipeline.validation)
+    validation_every: int | None = None  # None: checkpoint_every
+    validation_seeds: int = 2
+    validation_steps: int = 20
 
     def validate(self) -> None:
         checks = [
@@ -110,6 +114,11 @@ class TrainOptions:
             (self.data_order in DATA_ORDERS, f"--data-order must be one of {', '.join(DATA_ORDERS)}"),
             (self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1"),
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),
+            (self.validation_every is None or self.validation_every >= 1, "--validation-every must be at least 1"),
+            (self.validation_seeds >= 1, "--validation-seeds must be at least 1"),
+            (self.validation_steps >= 1, "--validation-steps must be at least 1"),
+            (self.validation_prompts is None or Path(self.validation_prompts).exists(),
+             f"--validation-prompts {self.validation_prompts} not found"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm must be a finite number > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
@@ -172,7 +181,8 @@ RUN_OPTIONS_BEFORE_FIELDS = {"data_order": "rows", "shuffle_buffer": DEFAULT_SHU
 def _comparable(options: TrainOptions) -> dict[str, Any]:
     """Options that must match for a resume (not: resume, export, workers, checkpoint cadence)."""
     values = asdict(options)
-    for name in ("resume", "export_pipeline", "num_workers", "checkpoint_every", "keep_checkpoints", "steps", "report_to"):
+    for name in ("resume", "export_pipeline", "num_workers", "checkpoint_every", "keep_checkpoints", "steps", "report_to",
+                 "validation_prompts", "validation_every", "validation_seeds", "validation_steps"):
         values.pop(name)
     return values
 
@@ -308,12 +318,17 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
         accelerator.init_trackers("inpo", config={k: v for k, v in asdict(options).items() if v is not None},
                                   init_kwargs={"wandb": {"dir": str(run_dir), "name": run_dir.name}})
 
+    validator = None
+    if options.validation_prompts and accelerator.is_main_process:
+        from inpo_pipeline.validation import Validator
+
+        validator = Validator(settings, options.validation_prompts, options.validation_seeds, options.validation_steps)
     remaining = options.steps - start_step
     dataset = MicroBatches(options.cache, schedule, start_step * options.grad_accum, remaining * options.grad_accum,
                            objective.name, process_from_settings(settings))
     loader = micro_batch_loader(dataset, options.num_workers if remaining > 0 else 0)
     metrics = _train_loop(accelerator, policy, optimizer, scheduler, loader, options, start_step, run_dir,
-                          schedule, reporter, started)
+                          schedule, reporter, started, validator)
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"run_dir": str(run_dir), "effective_batch": effective_batch,
@@ -408,7 +423,7 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int, metr
 
 def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, scheduler: Any, loader: Any,
                 options: TrainOptions, start_step: int, run_dir: Path, schedule: BatchSchedule,
-                reporter: Reporter, started: float) -> dict[str, Any]:
+                reporter: Reporter, started: float, validator: Any = None) -> dict[str, Any]:
     device = accelerator.device
     objective = OBJECTIVES[options.objective]
     step = start_step
@@ -477,6 +492,10 @@ def _train_loop(accelerator: Any, policy: torch.nn.Module, optimizer: Any, sched
             if step % options.checkpoint_every == 0 or step == options.steps:
                 _save_checkpoint(accelerator, run_dir, step, options.keep_checkpoints, metrics, policy, optimizer,
                                  scheduler)
+            every = options.validation_every or options.checkpoint_every
+            if validator is not None and (step % every == 0 or step == options.steps):
+                path = validator.write(accelerator.unwrap_model(policy), device, run_dir, step, accelerator.trackers)
+                reporter.line(f"step {step}: validation grid {path}")
     metrics["winner_error_above_reference_since_step"] = monitor.rose_at
     # start-up (imports, loading, the first step with its loader start) apart from the steady steps
     if first_step_done is not None:

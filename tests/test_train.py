@@ -442,3 +442,34 @@ def test_report_to_logs_every_steps_metrics_to_tensorboard_and_wandb_offline(sd1
     assert not list(untracked.rglob("events.out.tfevents.*")) and not (untracked / "wandb").exists()
     bad = train(sd15_store, tmp_path / "bad", "--steps", "1", "--report-to", "mlflow")
     assert bad.exit_code == 2 and "--report-to must be one of" in bad.output
+
+
+def test_validation_grids_are_written_logged_and_leave_training_untouched(sd15_store, tmp_path, monkeypatch):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prompts = tmp_path / "validation.txt"
+    prompts.write_text("a red cube\na blue sphere\na green cone\n")
+    run = tmp_path / "validated"
+    result = train(sd15_store, run, "--steps", "3", "--checkpoint-every", "3", "--report-to", "all",
+                   "--validation-prompts", str(prompts), "--validation-every", "2", "--validation-seeds", "2",
+                   "--validation-steps", "3")
+    assert result.exit_code == 0, result.output
+    grids = sorted(p.name for p in (run / "validation").iterdir())
+    assert grids == ["step-0000002.png", "step-0000003.png"]  # every 2 steps and at the end
+    first, last = (Image.open(run / "validation" / name) for name in grids)
+    assert first.size == (2 * 32, 3 * 32)  # columns: seeds; rows: prompts; the store's 32 px
+    assert np.asarray(first).std() > 0 and not np.array_equal(np.asarray(first), np.asarray(last))
+    events = EventAccumulator(str(next(p.parent for p in run.rglob("events.out.tfevents.*"))), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("validation")] == [2, 3]
+    # sampling draws nothing from the training RNG and leaves the weights alone: the same run without it
+    plain = tmp_path / "plain"
+    assert train(sd15_store, plain, "--steps", "3", "--checkpoint-every", "3").exit_code == 0
+    assert metrics(plain)[-1]["loss"] == metrics(run)[-1]["loss"]
+    first_weights, second_weights = _weights(plain), _weights(run)
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
+    missing = train(sd15_store, tmp_path / "missing", "--steps", "1", "--validation-prompts", str(tmp_path / "nope.txt"))
+    assert missing.exit_code == 2 and "--validation-prompts" in missing.output and "not found" in missing.output
