@@ -318,9 +318,11 @@ def example(
 @_user_errors
 def export(
     run: Annotated[str, typer.Argument(help="The --out folder of a finished `inpo train` run.")],
-    out: Annotated[str, typer.Option(help="Where to write: a folder (diffusers) or a .safetensors file (kohya, comfyui).")],
+    out: Annotated[str, typer.Option(help="Where to write: a folder (diffusers) or a .safetensors file (kohya, comfyui, single-file).")],
     format: Annotated[str, typer.Option(help="diffusers: the LoRA folder, or a full run's pipeline folder; kohya / "
-                                             "comfyui: a LoRA as one kohya-layout file (A1111, ComfyUI, SD.Next).")] = "diffusers",
+                                             "comfyui: a LoRA as one kohya-layout file (A1111, ComfyUI, SD.Next); "
+                                             "single-file: the whole SD1.x model (LoRA fused) as one original-layout "
+                                             "checkpoint.")] = "diffusers",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Write a finished run's weights in the format another tool loads."""

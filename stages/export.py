@@ -1,7 +1,9 @@
 """`inpo export`: a finished run's weights in the format another tool loads.
 
 diffusers: the LoRA folder as trained (`load_lora_weights`), or for a full run a pipeline folder
-(`from_pretrained`); kohya / comfyui: a LoRA as one kohya-layout .safetensors file.
+(`from_pretrained`); kohya / comfyui: a LoRA as one kohya-layout .safetensors file; single-file:
+the whole SD1.x model (a LoRA fused in) as one .safetensors in the original checkpoint layout
+(`inpo_pipeline.single_file`; what A1111, ComfyUI's checkpoint loader and `from_single_file` read).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from inpo_pipeline.exports import KOHYA_FORMATS, kohya_metadata, kohya_state_dic
 from inpo_pipeline.families import family_named
 from inpo_pipeline.policy import LORA_FOLDER, export_pipeline
 
-EXPORT_FORMATS = ("diffusers", *KOHYA_FORMATS)
+SINGLE_FILE = "single-file"
+EXPORT_FORMATS = ("diffusers", *KOHYA_FORMATS, SINGLE_FILE)
 KOHYA_FAMILIES = ("sd15", "sdxl")  # UNet families; kohya's layout for SD3/FLUX transformers differs
 
 
@@ -54,6 +57,8 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
             raise UserError(f"--format {options.format} is for SD1.x/2.x and SDXL LoRAs; this run's family is "
                             f"{family}: use --format diffusers")
         return _write_kohya(run_dir, out, record, rank, options.format)
+    if options.format == SINGLE_FILE:
+        return _write_single_file(run_dir, out, record, settings, rank)
     if rank > 0:
         _replace(out, lambda target: shutil.copytree(run_dir / LORA_FOLDER, target))
         return {"format": "diffusers", "path": str(out), "kind": "lora"}
@@ -73,6 +78,36 @@ def _write_kohya(run_dir: Path, out: Path, record: dict[str, Any], rank: int, na
         raise UserError(f"cannot read the LoRA of {run_dir}: {error}") from error
     _replace(out, lambda target: save_file(weights, str(target), metadata=kohya_metadata(record, rank)))
     return {"format": name, "path": str(out), "kind": "lora", "tensors": len(weights)}
+
+
+def _write_single_file(run_dir: Path, out: Path, record: dict[str, Any], settings: dict[str, Any],
+                       rank: int) -> dict[str, Any]:
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from inpo_pipeline.single_file import sd_checkpoint
+
+    if settings["family"] != "sd15":
+        raise UserError(f"--format {SINGLE_FILE} writes SD1.x checkpoints; this run's family is {settings['family']}: "
+                        "use --format diffusers")
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: a single-file checkpoint is one file; give a path ending in .safetensors")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as folder:
+        pipeline_folder = export_pipeline(settings["model"], run_dir, "sd15", rank, settings.get("unet"),
+                                          settings.get("vae"), target=Path(folder) / "pipeline")
+        pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline_folder), safety_checker=None,
+                                                           requires_safety_checker=False)
+        if pipeline.text_encoder.config.hidden_act != "quick_gelu":
+            raise UserError(f"--format {SINGLE_FILE}: this is an SD2.x-type model (an OpenCLIP text encoder), whose "
+                            "original layout this export does not write; use --format diffusers")
+        weights = sd_checkpoint(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    metadata = {"format": "pt", "inpo_run": json.dumps({"options": record["options"], "model": settings["model"]},
+                                                        default=str)}
+    _replace(out, lambda target: save_file(weights, str(target), metadata=metadata))
+    return {"format": SINGLE_FILE, "path": str(out), "kind": "checkpoint (UNet, VAE, text encoder)",
+            "tensors": len(weights)}
 
 
 def _replace(out: Path, write: Any) -> None:

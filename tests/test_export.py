@@ -128,3 +128,47 @@ def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path):
     (running / "run.json").write_text(json.dumps({**record, "status": "running"}))
     result = runner.invoke(app, ["export", str(running), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "not finished" in result.output
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_single_file_checkpoint_loads_back_with_from_single_file(runs, tmp_path, kind):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / f"{kind}.safetensors"
+    result = runner.invoke(app, ["export", str(runs[f"sd15-{kind}"]), "--format", "single-file", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as handle:
+        keys = set(handle.keys())
+        assert json.loads(handle.metadata()["inpo_run"])["options"]["lora_rank"] == (4 if kind == "lora" else 0)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(runs["sd15-model"]), safety_checker=None,
+                                                      local_files_only=True)
+    folder = tmp_path / f"{kind}-pipeline"
+    assert runner.invoke(app, ["export", str(runs[f"sd15-{kind}"]), "--format", "diffusers", "--out", str(folder)]).exit_code == 0
+    if kind == "full":
+        reference = _pipeline("sd15", folder)
+    else:  # the LoRA export is the adapter alone; the checkpoint holds it fused into the base
+        reference = _pipeline("sd15", runs["sd15-model"])
+        reference.load_lora_weights(str(folder))
+    # every weight of the three models comes back bit for bit (a LoRA: fused, so to float32 rounding)
+    for name in ("unet", "vae", "text_encoder"):
+        theirs, ours = getattr(reference, name), getattr(loaded, name)
+        if kind == "lora" and name == "unet":
+            torch.testing.assert_close(_unet_output(ours), _unet_output(theirs), rtol=1e-5, atol=1e-6)
+            continue
+        expected, actual = theirs.state_dict(), ours.state_dict()
+        assert set(expected) == set(actual), name
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+    base = _pipeline("sd15", runs["sd15-model"])
+    assert not torch.equal(_unet_output(loaded.unet), _unet_output(base.unet))
+
+
+def test_single_file_refuses_other_families_and_other_suffixes(runs, tmp_path):
+    sdxl = runner.invoke(app, ["export", str(runs["sdxl-lora"]), "--format", "single-file",
+                               "--out", str(tmp_path / "x.safetensors")])
+    assert sdxl.exit_code == 2 and "writes SD1.x checkpoints" in sdxl.output
+    suffix = runner.invoke(app, ["export", str(runs["sd15-full"]), "--format", "single-file", "--out", str(tmp_path / "x.ckpt")])
+    assert suffix.exit_code == 2 and "ending in .safetensors" in suffix.output
+    assert list(tmp_path.iterdir()) == []
