@@ -32,6 +32,9 @@ COLUMN_ROLES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "chosen", "re
 COLUMN_ALIASES = {"prompt": "caption"}
 MANIFEST_PROMPT_COLUMNS = ("prompt", "caption")
 MANIFEST_COLUMNS = ("chosen", "rejected")
+HPDV3_COLUMNS = ("path1", "path2")
+"""HPDv3's layout (MizzenAI/HPDv3: a JSON array or JSONL of prompt, path1, path2, model1, model2,
+confidence, …): path1 is the preferred image, path2 the rejected one, both relative to the file."""
 
 
 class DataError(Exception):
@@ -335,10 +338,12 @@ def _as_bytes(value: Any) -> bytes | None:
 
 # ---------------------------------------------------------------------------- manifest
 class ManifestSource(PairSource):
-    """A JSONL or CSV manifest: prompt (or caption), chosen, rejected (image paths).
+    """A JSONL, JSON-array or CSV manifest: prompt (or caption), chosen, rejected (image paths), or
+    HPDv3's prompt, path1 (preferred), path2 (rejected).
 
     Relative paths are resolved against the manifest's folder. The manifest's text (not its
-    images) is held in memory: a few hundred bytes per pair.
+    images) is held in memory: a few hundred bytes per pair; a JSON array is decoded element by
+    element, never read whole.
     """
 
     kind = "manifest"
@@ -353,6 +358,14 @@ class ManifestSource(PairSource):
         base = self.path.parent
         if self.path.suffix.lower() in (".jsonl", ".json"):
             with self.path.open(encoding="utf-8") as handle:
+                first = handle.read(1)
+                while first.isspace():
+                    first = handle.read(1)
+                if first == "[":
+                    yield from (self._entry(self._json_row(row, number), base)
+                                for number, row in enumerate(_json_array_items(handle, self.path), 1))
+                    return
+                handle.seek(0)
                 rows: Iterable[dict[str, Any]] = (
                     self._json_line(line, number) for number, line in enumerate(handle, 1) if line.strip()
                 )
@@ -368,6 +381,9 @@ class ManifestSource(PairSource):
             row = json.loads(line)
         except ValueError as error:
             raise DataError(f"{self.path}:{number} is not valid JSON ({error.args[0]})") from error
+        return self._json_row(row, number)
+
+    def _json_row(self, row: Any, number: int) -> dict[str, Any]:
         if not isinstance(row, dict):
             raise DataError(f"{self.path}:{number} is not a JSON object with prompt, chosen, rejected")
         self._check_columns(list(row))
@@ -375,16 +391,19 @@ class ManifestSource(PairSource):
 
     def _check_columns(self, names: Sequence[str]) -> None:
         prompt_ok = any(c in names for c in MANIFEST_PROMPT_COLUMNS)
-        missing = ([] if prompt_ok else ["prompt"]) + [c for c in MANIFEST_COLUMNS if c not in names]
+        images_ok = all(c in names for c in MANIFEST_COLUMNS) or all(c in names for c in HPDV3_COLUMNS)
+        missing = ([] if prompt_ok else ["prompt"]) + ([] if images_ok else [c for c in MANIFEST_COLUMNS if c not in names])
         if missing:
             raise DataError(
-                f"{self.path} lacks column(s) {', '.join(missing)}; a manifest needs prompt, chosen, rejected"
+                f"{self.path} lacks column(s) {', '.join(missing)}; a manifest needs prompt, chosen, rejected "
+                "(or HPDv3's prompt, path1, path2)"
             )
 
     @staticmethod
     def _entry(row: dict[str, Any], base: Path) -> tuple[str, str, str]:
         prompt = row.get("prompt", row.get("caption")) or ""
-        return str(prompt), str(base / str(row["chosen"])), str(base / str(row["rejected"]))
+        chosen, rejected = ("chosen", "rejected") if "chosen" in row else HPDV3_COLUMNS
+        return str(prompt), str(base / str(row[chosen])), str(base / str(row[rejected]))
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path.resolve()),
@@ -398,6 +417,42 @@ class ManifestSource(PairSource):
         for source_row in source_rows:
             prompt, chosen, rejected = self.entries[int(source_row)]
             yield PairRecord(int(source_row), prompt, _read_file(chosen), _read_file(rejected))
+
+
+def _json_array_items(handle: Any, path: Path, block: int = 1 << 20) -> Iterator[Any]:
+    """The elements of a JSON array whose opening "[" was just read, decoded one at a time from
+    blocks of `block` characters (an HPDv3 train.json is far larger than it needs to be in memory)."""
+    decoder = json.JSONDecoder()
+    buffer, position, done = "", 0, False
+    while True:
+        while True:
+            while position < len(buffer) and (buffer[position].isspace() or buffer[position] == ","):
+                position += 1
+            if position < len(buffer) or done:
+                break
+            more = handle.read(block)
+            buffer, position, done = buffer[position:] + more, 0, not more
+        if position < len(buffer) and buffer[position] == "]":
+            return
+        if position >= len(buffer):
+            raise DataError(f"{path} ends inside its JSON array (a truncated file?)")
+        try:
+            item, end = decoder.raw_decode(buffer, position)
+        except ValueError:
+            more = handle.read(block)
+            if not more:
+                raise DataError(f"{path} is not a valid JSON array (near character {position})") from None
+            buffer, position = buffer[position:] + more, 0
+            continue
+        if end == len(buffer) and not done:
+            # a number at the end of the buffer may continue in the next block
+            more = handle.read(block)
+            if more:
+                buffer, position = buffer[position:] + more, 0
+                continue
+            done = True
+        yield item
+        position = end
 
 
 def _read_file(path: str | None) -> bytes | None:

@@ -660,3 +660,41 @@ def test_invert_reads_a_mapped_dataset_and_verify_recomputes_from_it(tiny_sd15, 
     assert CacheStore.open(out).settings["data"]["columns"]["chosen"] == "win"
     verify = CliRunner().invoke(app, ["cache", "verify", str(out), "--recompute", "2"])
     assert verify.exit_code == 0, verify.output
+
+
+@pytest.mark.parametrize("layout", ["array", "jsonl"])
+def test_hpdv3_layout_path1_is_preferred_and_arrays_stream(tmp_path, monkeypatch, layout):
+    import inpo_pipeline.data as data_module
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for index in range(5):
+        (images / f"{index}-a.png").write_bytes(f"preferred {index}".encode())
+        (images / f"{index}-b.png").write_bytes(f"rejected {index}".encode())
+        rows.append({"prompt": f"prompt, \"{index}\" [x]", "path1": f"images/{index}-a.png",
+                     "path2": f"images/{index}-b.png", "model1": "m1", "model2": "m2", "confidence": 0.5 + index / 100,
+                     "choice_dist": [3, index], "source": "hpdv3"})
+    path = tmp_path / ("train.json" if layout == "array" else "train.jsonl")
+    if layout == "array":
+        path.write_text(" \n" + json.dumps(rows, indent=1), encoding="utf-8")
+        original = data_module._json_array_items
+        # tiny blocks: every element, number and string straddles a block boundary somewhere
+        monkeypatch.setattr(data_module, "_json_array_items", lambda handle, p: original(handle, p, block=7))
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    source = open_source(str(path))
+    assert [r.caption for r in source.scan()] == [row["prompt"] for row in rows]
+    records = list(source.read([4, 0]))
+    assert [(r.chosen, r.rejected) for r in records] == [(b"preferred 4", b"rejected 4"), (b"preferred 0", b"rejected 0")]
+
+
+def test_a_truncated_or_invalid_json_array_is_one_line(tmp_path):
+    truncated = tmp_path / "cut.json"
+    truncated.write_text('[{"prompt": "a", "path1": "x.png", "path2": "y.png"}, {"prompt": "b", "pa')
+    with pytest.raises(DataError, match="not a valid JSON array|ends inside"):
+        open_source(str(truncated))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('[{"prompt": "a", "image": "x.png"}]')
+    with pytest.raises(DataError, match="path1, path2"):
+        open_source(str(wrong))
