@@ -18,8 +18,9 @@ Sweeps: `flips` (a fraction p of the reward labels flipped), `steps` (inversion 
 (inversion guidance w), `reconstruction` (invert base samples with n steps under each timestep
 mode, DDIM back, PSNR; no training), `rounds` (`inpo rounds` on the same data, and on-policy pairs
 labelled by the shapes scorer, against one round of the same total steps).
-Everything is cached under --out (stores by their labels and settings, runs by their settings and
-seed, each run's held-out rewards), so a rerun resumes; `--reduced` is the small form that
+Everything is cached under --out (stores by their labels and inversion settings, runs by store,
+steps and seed, each run's held-out rewards), so a rerun resumes; other training settings need
+another --out; `--reduced` is the small form that
 `just test-slow` runs.
 """
 
@@ -47,7 +48,7 @@ from inpo_pipeline.stats import compare_paired  # noqa: E402
 from stages.demo import PreferencePool, ensure_world, evaluation_set, run_unet, sample_pool  # noqa: E402
 
 KINDS = ("labels", "mirror", "shuffled", "shuffled-mirror")
-SWEEPS = ("flips", "steps", "guidance", "reconstruction", "rounds")
+SWEEPS = ("flips", "steps", "guidance", "reconstruction", "rounds", "rounds-same-data", "rounds-on-policy")
 
 
 @dataclass
@@ -145,7 +146,8 @@ class Lab:
         steps = steps or self.settings.steps
         store = self.store(labels, invert)
         run = self.out / "runs" / f"{store.stem}-{steps}-seed{seed}"
-        if not (run / "unet" / "config.json").exists():
+        record = run / "run.json"
+        if not (record.exists() and json.loads(record.read_text()).get("status") == "finished"):
             shutil.rmtree(run, ignore_errors=True)
             run_train(TrainOptions(cache=str(store), out=str(run), lr=self.settings.lr, steps=steps,
                                    batch_size=self.settings.batch_size, grad_accum=1, warmup=self.settings.warmup,
@@ -267,8 +269,10 @@ def rounds_setting(lab: Lab, on_policy: bool) -> dict[str, Any]:
               "objectives": "inpo"}
     train = {"lr": settings.lr, "steps": settings.steps, "batch_size": settings.batch_size, "grad_accum": 1,
              "warmup": settings.warmup, "num_workers": 0, "checkpoint_every": settings.steps, "keep_checkpoints": 1}
-    prompts_file = lab.out / "train-prompts.txt"
-    prompts_file.write_text("\n".join(p for p in world.TRAIN_PROMPTS for _ in range(settings.pairs_per_prompt)) + "\n")
+    # each prompt once, 2 × pairs_per_prompt seeds: `inpo label` pairs seeds (0, 1), (2, 3), … into
+    # pairs_per_prompt distinct pairs per prompt (a prompt listed twice would draw the same images)
+    prompts_file = lab.out / "train-prompts-once.txt"
+    prompts_file.write_text("\n".join(world.TRAIN_PROMPTS) + "\n")
     per_round: dict[str, list[list[np.ndarray]]] = {kind: [[] for _ in range(settings.rounds)] for kind in KINDS}
     long_runs: dict[str, list[np.ndarray]] = {kind: [] for kind in KINDS}
     scorer_of = {"labels": "colour", "mirror": "-colour", "shuffled": "random", "shuffled-mirror": "-random"}
@@ -279,7 +283,7 @@ def rounds_setting(lab: Lab, on_policy: bool) -> dict[str, Any]:
                 options = RoundsOptions(model=str(lab.model), out=str(chain_dir), rounds=settings.rounds,
                                         prompts=str(prompts_file), scorer="shapes",
                                         scorer_model=f"{scorer_of[kind]}@{seed}" if "random" in scorer_of[kind]
-                                        else scorer_of[kind], sample_seeds=2,
+                                        else scorer_of[kind], sample_seeds=2 * settings.pairs_per_prompt,
                                         sample_steps=settings.sample_steps, sample_guidance=3.0, seed=seed,
                                         invert=invert, train=train, device="cpu")
             else:
@@ -514,9 +518,10 @@ def main() -> None:
                                  **reconstruction_psnr(lab, n, mode, w, settings.reconstruction_images)})
         results["reconstruction"] = rows
         save()
-    if "rounds" in sweeps:
+    if "rounds" in sweeps or "rounds-same-data" in sweeps:
         results["rounds_same_data"] = rounds_setting(lab, on_policy=False)
         save()
+    if "rounds" in sweeps or "rounds-on-policy" in sweeps:
         results["rounds_on_policy"] = rounds_setting(lab, on_policy=True)
         save()
     results["seconds_this_run"] = time.perf_counter() - started

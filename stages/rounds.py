@@ -12,10 +12,13 @@ resumable unit that a rerun skips or finishes:
      round k+1's reference.
 
 OUT/chain.json records the chain: the options, and per round which reference, data, store, run
-and pipeline it used and produced (paths inside OUT relative to it, so a chain can be moved), with the reference's fingerprint and the run's final metrics.
+and pipeline it used and produced (paths inside OUT relative to it), with the reference's fingerprint and the run's final metrics.
 A rerun with the same options resumes wherever a kill left off; a larger --rounds extends the chain.
-Round k's inversion and training seeds are `seed + k − 1`, so rounds do not redraw one another's
-timesteps.
+A finished chain can be moved and extended; a round interrupted half way resumes only in place
+(its store, run and samples record the absolute path of their reference). Round k's inversion
+and training seeds are `seed + k − 1`, so rounds do not redraw one another's timesteps; on-policy
+sampling uses seeds 0 … K−1 every round (as `inpo sample` does), so each round's pairs start from
+the same noise and differ by the policy alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ CHAIN_FILE = "chain.json"
 MODES = ("same-data", "on-policy")
 STEPS = ("samples", "labels", "store", "run", "pipeline")
 # set by the chain for every round; a --invert/--train KEY=VALUE may not override them
-CHAIN_INVERT_FIELDS = ("model", "data", "out", "overwrite", "worker", "workers", "seed", "device")
+CHAIN_INVERT_FIELDS = ("model", "data", "out", "overwrite", "worker", "workers", "seed", "device", "unet", "vae")
 CHAIN_TRAIN_FIELDS = ("cache", "out", "resume", "export_pipeline", "seed")
 # not part of a chain's identity: a resume may change them
 RESUMABLE_FIELDS = ("rounds", "device", "out")  # paths inside the chain are relative: it may move
@@ -103,6 +106,9 @@ def _option_classes() -> dict[str, Any]:
 def _check_fields(values: dict[str, Any], stage: str, reserved: tuple[str, ...]) -> None:
     names = {f.name for f in dataclasses.fields(_option_classes()[stage])}
     for key in values:
+        if key in ("unet", "vae"):
+            raise UserError(f"--{stage} {key}=…: a chain's reference is --model and then each round's exported "
+                            "pipeline; give --model a pipeline folder that holds that part (e.g. `inpo export` of a run)")
         if key in reserved:
             raise UserError(f"--{stage} {key}=…: the chain sets {key} itself for every round")
         if key not in names:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.experiments import KINDS, SWEEPS, fill_block, labels_for
+from scripts.experiments import KINDS, fill_block, labels_for
 from stages.demo import PreferencePool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,12 @@ def test_reduced_experiments_run_every_sweep_and_write_the_page(tmp_path):
     assert results["rounds_same_data"]["one_round_same_steps"]["steps"] == 12
     assert [r["round"] for r in results["rounds_on_policy"]["rounds"]] == [1, 2]
     page = (docs / "experiments.md").read_text()
-    for block in ("command", *[s for s in SWEEPS if s != "rounds"], "rounds_same_data", "rounds_on_policy"):
+    for block in ("command", "flips", "steps", "guidance", "reconstruction", "rounds_same_data", "rounds_on_policy"):
         assert f"<!-- generated: {block} " in page
     for figure in ("flips", "steps", "guidance", "reconstruction", "rounds_same_data", "rounds_on_policy"):
         assert (docs / "experiments" / f"{figure}.png").stat().st_size > 5000
     # the chains of inpo rounds are on disk and record their lineage
     chain = json.loads((out / "rounds-on-policy" / "labels-seed0" / "chain.json").read_text())
     assert chain["mode"] == "on-policy" and chain["rounds"][1]["reference"] == "round-1/pipeline"
+    # each prompt once with 2 × pairs seeds: distinct pairs, never one prompt's images twice
+    assert chain["rounds"][0]["labels"]["pairs"] == 12 * 4 and chain["rounds"][0]["labels"]["unpaired_images"] == 0

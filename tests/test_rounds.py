@@ -153,6 +153,8 @@ def test_option_errors():
         RoundsOptions(model="m", out="o", prompts="p").validate()
     with pytest.raises(UserError, match="sets model itself"):
         RoundsOptions(model="m", out="o", data="d", invert={"model": "x"}).validate()
+    with pytest.raises(UserError, match="reference is --model"):
+        RoundsOptions(model="m", out="o", data="d", invert={"unet": "sft/unet"}).validate()
     with pytest.raises(UserError, match="has no option nonsense"):
         parse_stage_options(["nonsense=1"], "train")
     with pytest.raises(UserError, match="not a valid int"):
