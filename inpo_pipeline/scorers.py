@@ -227,7 +227,7 @@ class ImageRewardScorer(Scorer):
         return [float(self.model.score(prompt, [image.convert("RGB")])) for image, prompt in zip(images, prompts)]
 
 
-# ------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------ the shapes world
 class ShapesRewardScorer(Scorer):
     """The shapes world's reward `spec.model` of the image's pixels and its prompt (uint8 RGB).
 
@@ -263,6 +263,7 @@ def random_score(pixels: Any, prompt: str, seed: int) -> float:
     return int.from_bytes(hasher.digest()[:8], "little") / 2.0**64
 
 
+# ------------------------------------------------------------------------------ checkpoints
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A tensor state dict from .safetensors or a torch file (tensors and plain containers only).
 

@@ -128,6 +128,9 @@ def run_label(options: LabelOptions, reporter: Reporter | None = None) -> dict[s
         os.replace(temporary, out)
     except OSError as error:
         temporary.unlink(missing_ok=True)
+        if error.filename is not None and Path(error.filename).resolve() not in (temporary.resolve(), out.resolve()):
+            raise UserError(f"cannot read {error.filename}: {error.strerror or error}; "
+                            "fix that and run the same command again") from error
         raise UserError(f"cannot write {out}: {error.strerror or error}; fix that and run the same command again") from error
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -117,8 +117,8 @@ class TrainOptions:
             (self.validation_every is None or self.validation_every >= 1, "--validation-every must be at least 1"),
             (self.validation_seeds >= 1, "--validation-seeds must be at least 1"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
-            (self.validation_prompts is None or Path(self.validation_prompts).exists(),
-             f"--validation-prompts {self.validation_prompts} not found"),
+            (self.validation_every is None or self.validation_prompts is not None,
+             "--validation-every needs --validation-prompts (the prompt set to sample)"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm must be a finite number > 0"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
             (self.winner_preserving is None or 0 <= self.winner_preserving <= 1,
@@ -129,6 +129,14 @@ class TrainOptions:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.validation_prompts is not None:
+            from inpo_pipeline.prompts import read_prompts
+
+            # before any run folder exists: a glob, a folder or a file, refused with read_prompts' own message
+            try:
+                read_prompts(self.validation_prompts)
+            except UserError as error:
+                raise UserError(f"--validation-prompts: {error}") from error
 
     def resolved(self, settings: dict[str, Any], effective_batch: int) -> TrainOptions:
         """The options with the store's defaults filled in (the authors' training recipe, DESIGN §1.5)."""

@@ -168,3 +168,16 @@ def test_negated_and_random_shapes_scorers_give_mirror_and_coin_labels(samples, 
     with pytest.raises(UserError, match="not a shapes-world reward"):
         run_label(LabelOptions(samples=str(samples), out=str(tmp_path / "bad.parquet"), scorer="shapes",
                                scorer_model="random@x"))
+
+
+def test_a_read_error_is_reported_as_a_read_error(samples, tmp_path, monkeypatch):
+    from inpo_pipeline import evaluation
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluation, "load_rgb", unreadable)
+    out = tmp_path / "labels.parquet"
+    with pytest.raises(UserError, match=r"^cannot read .*\.png: Permission denied"):
+        run_label(LabelOptions(samples=str(samples), out=str(out), scorer="shapes"))
+    assert list(tmp_path.iterdir()) == []

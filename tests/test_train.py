@@ -473,3 +473,8 @@ def test_validation_grids_are_written_logged_and_leave_training_untouched(sd15_s
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
     missing = train(sd15_store, tmp_path / "missing", "--steps", "1", "--validation-prompts", str(tmp_path / "nope.txt"))
     assert missing.exit_code == 2 and "--validation-prompts" in missing.output and "not found" in missing.output
+    assert not (tmp_path / "missing").exists()
+    globbed = train(sd15_store, tmp_path / "globbed", "--steps", "1", "--validation-prompts", str(tmp_path / "*.txt"))
+    assert globbed.exit_code == 2 and "--validation-prompts" in globbed.output and "not found" in globbed.output
+    alone = train(sd15_store, tmp_path / "alone", "--steps", "1", "--validation-every", "1")
+    assert alone.exit_code == 2 and "--validation-every needs --validation-prompts" in alone.output
