@@ -362,7 +362,7 @@ class ManifestSource(PairSource):
                 while first.isspace():
                     first = handle.read(1)
                 if first == "[":
-                    yield from (self._entry(self._json_row(row, number), base)
+                    yield from (self._entry(self._json_row(row, f"element {number}"), base)
                                 for number, row in enumerate(_json_array_items(handle, self.path), 1))
                     return
                 handle.seek(0)
@@ -381,11 +381,11 @@ class ManifestSource(PairSource):
             row = json.loads(line)
         except ValueError as error:
             raise DataError(f"{self.path}:{number} is not valid JSON ({error.args[0]})") from error
-        return self._json_row(row, number)
+        return self._json_row(row, f"line {number}")
 
-    def _json_row(self, row: Any, number: int) -> dict[str, Any]:
+    def _json_row(self, row: Any, where: str) -> dict[str, Any]:
         if not isinstance(row, dict):
-            raise DataError(f"{self.path}:{number} is not a JSON object with prompt, chosen, rejected")
+            raise DataError(f"{self.path} {where} is not a JSON object with prompt, chosen, rejected")
         self._check_columns(list(row))
         return row
 
@@ -419,40 +419,66 @@ class ManifestSource(PairSource):
             yield PairRecord(int(source_row), prompt, _read_file(chosen), _read_file(rejected))
 
 
-def _json_array_items(handle: Any, path: Path, block: int = 1 << 20) -> Iterator[Any]:
+_NUMBER_CHARACTERS = frozenset("0123456789+-.eE")
+
+
+def _json_array_items(handle: Any, path: Path, block: int = 1 << 20,
+                      longest_element: int = 1 << 26) -> Iterator[Any]:
     """The elements of a JSON array whose opening "[" was just read, decoded one at a time from
-    blocks of `block` characters (an HPDv3 train.json is far larger than it needs to be in memory)."""
+    blocks of `block` characters (an HPDv3 train.json is far larger than it needs to be in memory).
+
+    Strict about the array's shape: elements separated by single commas, no trailing comma, the
+    closing "]" required; an element longer than `longest_element` characters is refused rather
+    than read to the end of the file. Error positions count characters from the file's start."""
     decoder = json.JSONDecoder()
-    buffer, position, done = "", 0, False
-    while True:
+    buffer, position, offset, done = "", 0, 1, False  # offset: the file position of buffer[0]
+
+    def refill() -> bool:
+        nonlocal buffer, position, offset, done
+        more = handle.read(block)
+        offset += position
+        buffer, position, done = buffer[position:] + more, 0, not more
+        return bool(more)
+
+    def next_character() -> str | None:
+        nonlocal position
         while True:
-            while position < len(buffer) and (buffer[position].isspace() or buffer[position] == ","):
+            while position < len(buffer) and buffer[position].isspace():
                 position += 1
-            if position < len(buffer) or done:
-                break
-            more = handle.read(block)
-            buffer, position, done = buffer[position:] + more, 0, not more
-        if position < len(buffer) and buffer[position] == "]":
-            return
-        if position >= len(buffer):
+            if position < len(buffer):
+                return buffer[position]
+            if done or not refill():
+                return None
+
+    character = next_character()
+    if character == "]":
+        return
+    while True:
+        if character is None:
             raise DataError(f"{path} ends inside its JSON array (a truncated file?)")
         try:
             item, end = decoder.raw_decode(buffer, position)
         except ValueError:
-            more = handle.read(block)
-            if not more:
-                raise DataError(f"{path} is not a valid JSON array (near character {position})") from None
-            buffer, position = buffer[position:] + more, 0
+            if len(buffer) - position > longest_element:
+                raise DataError(f"{path}: the array element at character {offset + position} is not valid JSON "
+                                f"within {longest_element} characters") from None
+            if done or not refill():
+                raise DataError(f"{path} is not a valid JSON array (near character {offset + position})") from None
             continue
-        if end == len(buffer) and not done:
-            # a number at the end of the buffer may continue in the next block
-            more = handle.read(block)
-            if more:
-                buffer, position = buffer[position:] + more, 0
-                continue
-            done = True
+        if isinstance(item, (int, float)) and not done and all(c in _NUMBER_CHARACTERS for c in buffer[end:]) \
+                and refill():
+            continue  # a number that reaches the end of the buffer ("-9.5" of "-9.5e3") may go on in the next block
         yield item
         position = end
+        character = next_character()
+        if character == "]":
+            return
+        if character is None:
+            raise DataError(f"{path} ends inside its JSON array (a truncated file?)")
+        if character != ",":
+            raise DataError(f"{path}: expected , or ] after an array element at character {offset + position}")
+        position += 1
+        character = next_character()
 
 
 def _read_file(path: str | None) -> bytes | None:

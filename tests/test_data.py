@@ -698,3 +698,40 @@ def test_a_truncated_or_invalid_json_array_is_one_line(tmp_path):
     wrong.write_text('[{"prompt": "a", "image": "x.png"}]')
     with pytest.raises(DataError, match="path1, path2"):
         open_source(str(wrong))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
+def test_json_array_elements_at_every_block_size(block):
+    import io
+
+    from inpo_pipeline.data import _json_array_items
+
+    def items(text: str) -> list:
+        handle = io.StringIO(text)
+        assert handle.read(1) == "["
+        return list(_json_array_items(handle, Path("a.json"), block=block))
+
+    assert items('[12345, 678 ,\n-9.5e3,"x,]",[1,[2]],{"k":[]}]') == [12345, 678, -9.5e3, "x,]", [1, [2]], {"k": []}]
+    assert items("[ ]") == [] and items("[0]") == [0]
+    with pytest.raises(DataError, match=r"expected , or \] after an array element at character 9"):
+        items('[{"a":1} {"b":2}]')
+    with pytest.raises(DataError, match="not a valid JSON array"):
+        items("[1,]")
+    with pytest.raises(DataError, match="near character 7"):
+        items("[1, 2, x, 4]")
+    with pytest.raises(DataError, match="ends inside"):
+        items("[1, 2")
+    with pytest.raises(DataError, match="ends inside"):
+        items("[1, 2,")
+
+
+def test_an_overlong_json_array_element_is_refused_without_reading_on():
+    import io
+
+    from inpo_pipeline.data import _json_array_items
+
+    handle = io.StringIO('["' + "x" * 1000)
+    handle.read(1)
+    with pytest.raises(DataError, match="at character 1 is not valid JSON within 100 characters"):
+        list(_json_array_items(handle, Path("a.json"), block=10, longest_element=100))
+    assert handle.tell() < 200
