@@ -1,4 +1,4 @@
-"""A diffusers SD1.x/2.x pipeline as one checkpoint in the original (CompVis / LDM) key layout.
+"""A diffusers SD1.x pipeline as one checkpoint in the original (CompVis / LDM) key layout.
 
 The layout A1111, ComfyUI and `from_single_file` read: the UNet under ``model.diffusion_model.``,
 the VAE under ``first_stage_model.``, the CLIP text encoder under ``cond_stage_model.transformer.``.

@@ -102,7 +102,10 @@ def _write_single_file(run_dir: Path, out: Path, record: dict[str, Any], setting
         if pipeline.text_encoder.config.hidden_act != "quick_gelu":
             raise UserError(f"--format {SINGLE_FILE}: this is an SD2.x-type model (an OpenCLIP text encoder), whose "
                             "original layout this export does not write; use --format diffusers")
-        weights = sd_checkpoint(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+        try:
+            weights = sd_checkpoint(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+        except ValueError as error:  # a UNet/VAE module the original layout has no place for
+            raise UserError(f"--format {SINGLE_FILE}: {error}; use --format diffusers") from error
     metadata = {"format": "pt", "inpo_run": json.dumps({"options": record["options"], "model": settings["model"]},
                                                         default=str)}
     _replace(out, lambda target: save_file(weights, str(target), metadata=metadata))
