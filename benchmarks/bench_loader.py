@@ -3,9 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py                      # tiny and sd15 latents
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --shapes sd15 --rows 4096 --batches 8,32 --workers 0,1,4
 
-For each latent shape a store of random rows is written twice through `CacheStore`: once in the
-earlier layout (one row per chunk, `rows_per_chunk=1`) and once in the current one (one chunk per
-shard). Then, side by side in one run:
+For each latent shape a store of random rows is written three times through `CacheStore`: in the
+current layout (one chunk per shard, latents and text uncompressed: raw bytes + crc32c, read by
+`CacheStore` itself), with zstd latents and text (`compress_latents=True`, the previous default:
+read through zarr's codecs) and in the earliest layout (one row per chunk, `rows_per_chunk=1`,
+zstd). Then, side by side in one run:
 
 (a) `loader`: the trainer's own path (`BatchSchedule` → `MicroBatches` → its DataLoader settings,
     spawned workers, start-up left out: see `time_loader`), InPO inputs: four latent arrays, two reference errors, the plan arrays, and
@@ -47,7 +49,7 @@ def settings() -> dict:
     return {"family": "sd15", "scheduler": dict(DDIMScheduler().config), "seed": 0}
 
 
-def build_store(path: Path, shape: str, num_rows: int, rows_per_chunk: int | None) -> CacheStore:
+def build_store(path: Path, shape: str, num_rows: int, rows_per_chunk: int | None, compress_latents: bool) -> CacheStore:
     latent, text = LATENTS[shape]
     num_prompts = max(2, num_rows // 4)
     layout = StoreLayout(num_rows=num_rows, latent_shape=latent, num_prompts=num_prompts, text_shape=text,
@@ -55,7 +57,8 @@ def build_store(path: Path, shape: str, num_rows: int, rows_per_chunk: int | Non
     rng = np.random.default_rng(0)
     plan = RowPlan(timestep=rng.integers(0, 1000, num_rows), prompt_index=rng.integers(1, num_prompts, num_rows),
                    source_row=np.arange(num_rows), draw=np.zeros(num_rows, dtype=np.int16))
-    CacheStore.create(path, layout, settings(), {"created_at": "bench"}, plan, [""] + [f"p{i}" for i in range(1, num_prompts)])
+    CacheStore.create(path, layout, settings(), {"created_at": "bench"}, plan, [""] + [f"p{i}" for i in range(1, num_prompts)],
+                      compress_latents=compress_latents)
     store = CacheStore.open(path, mode="r+")
     for shard in range(layout.num_shards):
         n = len(range(*layout.shard_rows(shard).indices(num_rows)))
@@ -136,8 +139,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
-            stores = {"shard chunks": build_store(folder / "current.zarr", shape, args.rows, None),
-                      "row chunks (earlier layout)": build_store(folder / "earlier.zarr", shape, args.rows, 1)}
+            stores = {"shard chunks": build_store(folder / "current.zarr", shape, args.rows, None, False),
+                      "shard chunks, zstd": build_store(folder / "zstd.zarr", shape, args.rows, None, True),
+                      "row chunks, zstd (earliest layout)": build_store(folder / "earlier.zarr", shape, args.rows, 1, True)}
             arrays = build_memmaps(folder, stores["shard chunks"])
             size = row_bytes(stores["shard chunks"])
             for batch in (int(b) for b in args.batches.split(",")):
@@ -149,7 +153,7 @@ def main() -> None:
                 for workers in (int(w) for w in args.workers.split(",")):
                     for layout, store in stores.items():
                         for order, schedule in (("blocks", blocks), ("rows", rows_order)):
-                            if layout != "shard chunks" and order == "blocks":
+                            if layout != "shard chunks" and order == "rows":
                                 continue
                             rate = time_loader(store, schedule, count, workers)
                             result = {"shape": shape, "batch": batch, "workers": workers, "layout": layout,

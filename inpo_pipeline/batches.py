@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_schema import CacheStore, RowBatch, StoreError, decode_storage
+from cache_schema import CacheStore, StoreError, decode_storage
 from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
 from inpo_pipeline.plan import forward_noise, row_keys
 from inpo_pipeline.processes import Process, process_from_settings
@@ -131,108 +131,119 @@ def read_micro_batch(
     process: Process | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything one training micro-batch of `objective` needs, read from the store."""
-    return assemble_micro_batch(store, store.read_rows(rows, inputs=_row_inputs(objective), decode=False), dropped,
-                                objective, process)
+    group = read_micro_batch_group(store, [(rows, dropped)], objective, process)
+    return {name: values[0] for name, values in group.items()}
 
 
 def read_micro_batch_group(
     store: CacheStore, picks: list[tuple[np.ndarray, np.ndarray]], objective: str = DEFAULT_OBJECTIVE,
     process: Process | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Several micro-batches ((rows, dropped) each) from one read of all their rows: on a store
-    whose chunks are whole shards, each stored block is decoded and checksummed once."""
-    wanted = np.concatenate([rows for rows, _dropped in picks])
-    unique, inverse = np.unique(wanted, return_inverse=True)
-    block = store.read_rows(unique, inputs=_row_inputs(objective), decode=False)
-    # every prompt the group trains with, read once (a prompt is one stored chunk)
-    prompt_indices = np.unique(np.concatenate([block.prompt_index, [0]]))
-    embeddings = PromptEmbeddings(prompt_indices, *store.read_prompt_embeddings(prompt_indices, decode=False))
-    process = process or process_from_settings(store.settings)
-    bounds = np.cumsum([0] + [len(rows) for rows, _dropped in picks])
-    return [assemble_micro_batch(store, block.subset(inverse[bounds[i]:bounds[i + 1]]), dropped, objective, process,
-                                 embeddings)
-            for i, (_rows, dropped) in enumerate(picks)]
-
-
-@dataclass(frozen=True)
-class PromptEmbeddings:
-    """Stored embeddings (storage dtype) of the prompts `indices` (sorted), already read."""
-
-    indices: np.ndarray
-    text: np.ndarray
-    pooled: np.ndarray | None
-
-    def take(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        position = np.searchsorted(self.indices, prompts)
-        return self.text[position], None if self.pooled is None else self.pooled[position]
-
-
-def _row_inputs(objective: str) -> str:
-    return "inversion" if OBJECTIVES[objective].inputs == INVERSION_INPUTS else "forward"
-
-
-def assemble_micro_batch(
-    store: CacheStore, batch: RowBatch, dropped: np.ndarray, objective: str = DEFAULT_OBJECTIVE,
-    process: Process | None = None, embeddings: PromptEmbeddings | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Everything one training micro-batch of `objective` needs, as tensors, from its rows (read
-    with `decode=False`).
+    """G micro-batches ((rows, dropped) each, B rows apiece) from one read of the store, as tensors
+    whose leading axis is the micro-batch: entry [g] of each is micro-batch g (a view).
 
     latents/targets/labels (and SDXL time_ids, FLUX guidance) hold the B chosen images, then, for
     pairwise objectives, the B rejected ones; text (and pooled) hold the B prompts once, for the
     denoiser call to repeat on the device. Stored values stay in the storage dtype (latents and
     targets of InPO, text, pooled) — half the bytes through the loader, and exact: the denoiser
-    call converts them to float32 on the device (`policy`); computed ones are float32. Reference
-    errors are picked for the prompt each row trains with. InPO reads the inverted x_t and its target; the
-    forward-noised objectives read x0, regenerate ε from the store's seed and form x_t and the
-    target here through the store's process, exactly as stage one did when it cached their
-    reference errors (DESIGN §1.7, §1.8). `labels` are what the denoiser is called with (integer
-    t, or 1000·σ on flow stores).
+    call converts them to float32 on the device (`policy`); computed ones are float32. InPO's
+    stored latents, targets and text are copied once, from the stored objects straight into
+    these arrays (`CacheStore.gather_rows`). Reference errors are picked for the prompt each row
+    trains with. The forward-noised objectives read x0, regenerate ε from the store's seed and
+    form x_t and the target here through the store's process, exactly as stage one did when it
+    cached their reference errors (DESIGN §1.7, §1.8). `labels` are what the denoiser is called
+    with (integer t, or 1000·σ on flow stores).
     """
     spec = OBJECTIVES[objective]
     process = process or process_from_settings(store.settings)
-    rows = batch.indices
-    picked, column = np.arange(len(rows)), dropped.astype(np.int64)
-    dtype = store.layout.storage_dtype
+    groups, size = len(picks), len(picks[0][0])
+    if any(len(rows) != size for rows, _dropped in picks):
+        raise ValueError("the micro-batches of one group must have the same size")
+    rows = np.concatenate([rows for rows, _dropped in picks]).astype(np.int64)
+    dropped = np.concatenate([dropped for _rows, dropped in picks]).astype(bool)
+    inputs = _row_inputs(objective)
+    store.require_rows(rows, inputs)
+    layout = store.layout
+    dtype = layout.storage_dtype
+    copies = 2 if spec.pairwise else 1
+
+    def small(name: str) -> np.ndarray:
+        shape, stored = store.row_spec(name)
+        values = np.empty((len(rows), *shape), dtype=stored)
+        store.gather_rows(name, rows, values)
+        return values
+
+    # the position of chosen row k of micro-batch g among the group's images, and its rejected one
+    chosen_at = (np.arange(groups)[:, None] * copies * size + np.arange(size)).reshape(-1)
+    image_shape = (groups * copies * size, *layout.latent_shape)
+    timestep = small("timestep")
+    sigma = small("sigma") if layout.sigma else None
     if spec.inputs == INVERSION_INPUTS:
-        images = [(batch.latent_chosen, batch.target_chosen, batch.reference_error_chosen, batch.time_ids_chosen),
-                  (batch.latent_rejected, batch.target_rejected, batch.reference_error_rejected,
-                   batch.time_ids_rejected)]
+        stored = store.row_spec("latent_chosen")[1]
+        latents, targets = np.empty(image_shape, dtype=stored), np.empty(image_shape, dtype=stored)
+        for side, (latent, target) in enumerate((("latent_chosen", "target_chosen"),
+                                                  ("latent_rejected", "target_rejected"))[:copies]):
+            store.gather_rows(latent, rows, latents, chosen_at + side * size)
+            store.gather_rows(target, rows, targets, chosen_at + side * size)
+        errors = ("reference_error_chosen", "reference_error_rejected")
+        latents_tensor, targets_tensor = stored_tensor(latents, dtype), stored_tensor(targets, dtype)
     else:
-        assert batch.clean_chosen is not None and batch.clean_rejected is not None
-        noise = torch.from_numpy(forward_noise(store.settings["seed"], batch.source_row, batch.draw,
-                                               store.layout.latent_shape))
-        clean = torch.from_numpy(decode_storage(np.stack([batch.clean_chosen, batch.clean_rejected], axis=1), dtype))
-        latents = process.forward_latents(clean, noise, batch.timestep, batch.sigma).float().numpy()
-        targets = process.forward_target(clean, noise, batch.timestep, batch.sigma).float().numpy()
-        images = [(latents[:, 0], targets[:, 0], batch.forward_error_chosen, batch.time_ids_chosen),
-                  (latents[:, 1], targets[:, 1], batch.forward_error_rejected, batch.time_ids_rejected)]
-    if not spec.pairwise:
-        images = images[:1]
-    prompt = np.where(dropped, 0, batch.prompt_index)
-    text, pooled = embeddings.take(prompt) if embeddings is not None else store.read_prompt_embeddings(prompt, decode=False)
-    copies = len(images)
-    labels = process.labels(batch.timestep, batch.sigma)
-    result: dict[str, Any] = {
-        "rows": torch.from_numpy(rows.astype(np.int64)),
-        "latents": stored_tensor(np.concatenate([image[0] for image in images]), dtype),
-        "targets": stored_tensor(np.concatenate([image[1] for image in images]), dtype),
-        "timesteps": labels.repeat(copies),
-        "text": stored_tensor(text, dtype),
-        "reference_error_chosen": torch.from_numpy(images[0][2][picked, column]),
-        "dropped": torch.from_numpy(dropped),
+        clean = np.empty((len(rows), 2, *layout.latent_shape), dtype=store.row_spec("clean_chosen")[1])
+        store.gather_rows("clean_chosen", rows, clean[:, 0])
+        store.gather_rows("clean_rejected", rows, clean[:, 1])
+        noise = torch.from_numpy(forward_noise(store.settings["seed"], small("source_row"), small("draw"),
+                                               layout.latent_shape))
+        clean_tensor = torch.from_numpy(decode_storage(clean, dtype))
+        formed = [process.forward_latents(clean_tensor, noise, timestep, sigma).float(),
+                  process.forward_target(clean_tensor, noise, timestep, sigma).float()]
+        # (rows, 2, …) -> per micro-batch the B chosen images, then the B rejected ones
+        latents_tensor, targets_tensor = (
+            value.reshape(groups, size, 2, *layout.latent_shape)[:, :, :copies].transpose(1, 2)
+            .reshape(image_shape).contiguous() for value in formed)
+        errors = ("forward_error_chosen", "forward_error_rejected")
+    text_shape, text_dtype = store.prompt_spec("embedding")
+    text = np.empty((len(rows), *text_shape), dtype=text_dtype)
+    pooled = None
+    if layout.pooled_dim is not None:
+        pooled_shape, pooled_dtype = store.prompt_spec("pooled_embedding")
+        pooled = np.empty((len(rows), *pooled_shape), dtype=pooled_dtype)
+    store.gather_prompt_embeddings(np.where(dropped, 0, small("prompt_index")), text, pooled)
+    column = dropped.astype(np.int64)
+    picked = np.arange(len(rows))
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(groups, -1, *values.shape[1:])
+
+    def both_images(values: torch.Tensor) -> torch.Tensor:
+        return per_group(values).repeat(1, copies, *([1] * (values.dim() - 1)))
+
+    result: dict[str, torch.Tensor] = {
+        "rows": per_group(torch.from_numpy(rows)),
+        "latents": per_group(latents_tensor),
+        "targets": per_group(targets_tensor),
+        "timesteps": both_images(process.labels(timestep, sigma)),
+        "text": per_group(stored_tensor(text, dtype)),
+        "reference_error_chosen": per_group(torch.from_numpy(small(errors[0])[picked, column])),
+        "dropped": per_group(torch.from_numpy(dropped)),
     }
     if spec.pairwise:
-        result["reference_error_rejected"] = torch.from_numpy(images[1][2][picked, column])
+        result["reference_error_rejected"] = per_group(torch.from_numpy(small(errors[1])[picked, column]))
     if pooled is not None:
-        result["pooled"] = stored_tensor(pooled, dtype)
-    if store.layout.size_conditioning:
-        assert all(image[3] is not None for image in images)
-        result["time_ids"] = torch.from_numpy(np.concatenate([image[3] for image in images]))
+        result["pooled"] = per_group(stored_tensor(pooled, dtype))
+    if layout.size_conditioning:
+        time_ids_shape, time_ids_dtype = store.row_spec("time_ids_chosen")
+        time_ids = np.empty((groups * copies * size, *time_ids_shape), dtype=time_ids_dtype)
+        for side, name in enumerate(("time_ids_chosen", "time_ids_rejected")[:copies]):
+            store.gather_rows(name, rows, time_ids, chosen_at + side * size)
+        result["time_ids"] = per_group(torch.from_numpy(time_ids))
     guidance = store.settings.get("guidance_embedding")
     if guidance is not None:
-        result["guidance"] = torch.full((copies * len(rows),), float(guidance))
+        result["guidance"] = torch.full((groups, copies * size), float(guidance))
     return result
+
+
+def _row_inputs(objective: str) -> str:
+    return "inversion" if OBJECTIVES[objective].inputs == INVERSION_INPUTS else "forward"
 
 
 def denoiser_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -287,17 +298,13 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, item: int) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
-        """The group's micro-batches; in a worker process stacked key by key, so that one tensor
-        per key crosses to the trainer rather than one per micro-batch. `micro_batch_loader`
-        hands them out one by one either way."""
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        """The group's micro-batches, one tensor per key with the micro-batch as leading axis (so
+        one tensor per key crosses from a worker); `micro_batch_loader` hands them out one by one."""
         if self._store is None:
             self._store = CacheStore.open(self.store_path)
         picks = [self.schedule.micro_batch(index)[:2] for index in self.groups[item]]
-        batches = read_micro_batch_group(self._store, picks, self.objective, self.process)
-        if torch.utils.data.get_worker_info() is None:
-            return batches
-        return {name: torch.stack([batch[name] for batch in batches]) for name in batches[0]}
+        return read_micro_batch_group(self._store, picks, self.objective, self.process)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -325,11 +332,8 @@ class _OneLineErrors:
     def __iter__(self) -> Any:
         try:
             for group in self.loader:
-                if isinstance(group, list):
-                    yield from group
-                else:
-                    for index in range(len(group["rows"])):
-                        yield {name: values[index] for name, values in group.items()}
+                for index in range(len(group["rows"])):
+                    yield {name: values[index] for name, values in group.items()}
         except StoreError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise StoreError(lines[-1].split("StoreError: ", 1)[-1] if lines else str(error)) from None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cache_schema import CacheStore, StoreLayout
+from cache_schema import CacheStore, StoreError, StoreLayout
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader, read_micro_batch
 from tests.test_cache_schema import PROMPTS, PROVENANCE, SETTINGS, fill_prompts, make_layout, make_plan, make_result
 
@@ -86,10 +86,11 @@ def test_groups_do_not_cross_epochs():
     assert last.stop == per_epoch and schedule.group_of(per_epoch).start == per_epoch
 
 
-def trainable_store(path: Path, **layout_fields) -> CacheStore:
+def trainable_store(path: Path, compress_latents: bool = False, **layout_fields) -> CacheStore:
     settings = {**SETTINGS, "family": "sd15", "scheduler": dict(DDIMScheduler().config), "seed": 3}
     layout = make_layout(num_rows=40, forward_arrays=True, rows_per_shard=8, prompts_per_chunk=2, **layout_fields)
-    CacheStore.create(path, layout, settings, PROVENANCE, make_plan(layout.num_rows), PROMPTS)
+    CacheStore.create(path, layout, settings, PROVENANCE, make_plan(layout.num_rows), PROMPTS,
+                      compress_latents=compress_latents)
     store = CacheStore.open(path, mode="r+")
     for shard in range(layout.num_shards):
         store.write_shard(shard, make_result(layout, shard))
@@ -97,11 +98,14 @@ def trainable_store(path: Path, **layout_fields) -> CacheStore:
     return CacheStore.open(path)
 
 
-@pytest.mark.parametrize("layout", ["current", "earlier"])
+LAYOUTS = {"current": {}, "zstd": {"compress_latents": True},
+           "earliest": {"rows_per_chunk": 1, "prompt_shards": True, "compress_latents": True}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("objective", ["inpo", "diffusion-dpo"])
 def test_group_reads_equal_one_read_per_micro_batch_bit_for_bit(tmp_path, layout, objective):
-    fields = {} if layout == "current" else {"rows_per_chunk": 1, "prompt_shards": True}
-    store = trainable_store(tmp_path / "store", **fields)
+    store = trainable_store(tmp_path / "store", **LAYOUTS[layout])
     rows = store.valid_rows()
     schedule = BatchSchedule(rows, 3, 1, 0, seed=1, prompt_dropout=0.3, block_rows=8, shuffle_buffer=9)  # groups of 3
     count = 2 * schedule.micro_batches_per_epoch + 1
@@ -113,6 +117,76 @@ def test_group_reads_equal_one_read_per_micro_batch_bit_for_bit(tmp_path, layout
         assert batch.keys() == single.keys()
         for name, value in single.items():
             assert torch.equal(batch[name], value), name
+
+
+@pytest.mark.parametrize("objective", ["inpo", "diffusion-dpo", "sft"])
+def test_every_layout_hands_the_trainer_the_same_micro_batches(tmp_path, objective):
+    """Raw objects read by the store itself (current), zstd through zarr's codecs, one row per
+    chunk: the same bits, in the same order, for every micro-batch of two epochs."""
+    stores = {name: trainable_store(tmp_path / name, **fields) for name, fields in LAYOUTS.items()}
+    schedule = BatchSchedule(stores["current"].valid_rows(), 4, 1, 0, seed=2, prompt_dropout=0.25, block_rows=8,
+                             shuffle_buffer=12)
+    count = 2 * schedule.micro_batches_per_epoch
+    loaded = {name: list(micro_batch_loader(MicroBatches(str(store.path), schedule, 0, count, objective), 0))
+              for name, store in stores.items()}
+    for index in range(count):
+        reference = loaded["current"][index]
+        assert reference["latents"].shape[0] == 4 * (1 if objective == "sft" else 2)
+        for name in ("zstd", "earliest"):
+            assert reference.keys() == loaded[name][index].keys()
+            for key, value in reference.items():
+                assert torch.equal(value, loaded[name][index][key]), (name, index, key)
+
+
+def test_new_stores_keep_latents_and_text_as_raw_bytes_and_a_checksum(tmp_path):
+    store = trainable_store(tmp_path / "store")
+    rows = store.group["rows"]
+    for name in ("latent_chosen", "target_rejected", "clean_chosen"):
+        assert [type(codec).__name__ for codec in rows[name].metadata.codecs] == ["BytesCodec", "Crc32cCodec"]
+    assert [type(codec).__name__ for codec in store.group["prompts"]["embedding"].metadata.codecs] == [
+        "BytesCodec", "Crc32cCodec"]
+    zipped = trainable_store(tmp_path / "zipped", compress_latents=True)
+    assert "ZstdCodec" in [type(codec).__name__ for codec in zipped.group["rows"]["latent_chosen"].metadata.codecs]
+    # a raw object is the chunk's bytes and their crc32c: 8 rows of 4×8×8 float16, plus 4 bytes
+    shard_file = store.path / "rows" / "latent_chosen" / "c" / "2" / "0" / "0" / "0"
+    assert shard_file.stat().st_size == 8 * 4 * 8 * 8 * 2 + 4
+
+
+@pytest.mark.parametrize("row_by_row_bytes", [0, 10**9])
+def test_gather_rows_scatters_any_order_with_repeats_into_the_callers_positions(tmp_path, monkeypatch, row_by_row_bytes):
+    import cache_schema.store as store_module
+
+    monkeypatch.setattr(store_module, "ROW_BY_ROW_BYTES", row_by_row_bytes)  # both copy paths
+    store = trainable_store(tmp_path / "store")
+    everything = store.read_rows(np.arange(40), decode=False).latent_rejected
+    wanted = np.array([17, 3, 3, 39, 0, 24, 17])
+    out = np.full((10, 4, 8, 8), 7, dtype=np.float16)
+    positions = np.array([9, 0, 4, 1, 8, 2, 5])
+    store.gather_rows("latent_rejected", wanted, out, positions)
+    np.testing.assert_array_equal(out[positions], everything[wanted])
+    assert (out[[3, 6, 7]] == 7).all()  # positions not asked for are left alone
+    text = np.empty((5, 77, 32), dtype=np.float16)
+    store.gather_prompt_embeddings(np.array([3, 0, 3, 1, 2]), text, None)
+    expected, _ = store.read_prompt_embeddings(np.array([3, 0, 3, 1, 2]), decode=False)
+    np.testing.assert_array_equal(text, expected)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_damaged_raw_object_fails_the_read_in_one_line(tmp_path, damage):
+    store = trainable_store(tmp_path / "store")
+    shard_file = store.path / "rows" / "target_chosen" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-100:]
+    shard_file.write_bytes(bytes(data))
+    reader = CacheStore.open(store.path)
+    message = "fails its crc32c checksum" if damage == "flipped byte" else "holds 4000 bytes, expected 4100"
+    with pytest.raises(StoreError, match=message) as raised:
+        read_micro_batch(reader, np.array([8, 9]), np.zeros(2, dtype=bool), "inpo")
+    assert "\n" not in str(raised.value) and "rows/target_chosen/c/1/0/0/0" in str(raised.value)
+    assert read_micro_batch(reader, np.array([0, 17]), np.zeros(2, dtype=bool), "inpo")["latents"].shape == (4, 4, 8, 8)
 
 
 def test_new_stores_keep_one_chunk_per_shard_and_one_object_per_prompt(tmp_path):
