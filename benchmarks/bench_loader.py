@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py                      # tiny and sd15 latents
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --shapes sd15 --rows 4096 --batches 8,32 --workers 0,1,4
+    OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --layouts zstd,earliest --batches 8 --workers 0,2
 
 For each latent shape a store of random rows is written three times through `CacheStore`: in the
 current layout (one chunk per shard, latents and text uncompressed: raw bytes + crc32c, read by
@@ -41,6 +42,9 @@ from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loade
 
 LATENTS = {"tiny": ((4, 8, 8), (77, 32)), "sd15": ((4, 64, 64), (77, 768))}
 LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
+# name: (label, rows_per_chunk, compress_latents)
+LAYOUTS = {"current": ("shard chunks", None, False), "zstd": ("shard chunks, zstd", None, True),
+           "earliest": ("row chunks, zstd (earliest layout)", 1, True)}
 
 
 def settings() -> dict:
@@ -93,20 +97,20 @@ def row_bytes(store: CacheStore) -> int:
 
 def time_loader(store: CacheStore, schedule: BatchSchedule, micro_batches: int, workers: int) -> float:
     """Rows/s of the trainer's dataset and loader settings over `micro_batches` micro-batches
-    (default: three read groups per worker). With workers, the loader is iterated twice with
-    the same processes and the second pass is timed, so that process start-up is left out
-    (`inpo train` starts its workers once per run); the pass still fills its pipeline."""
+    (default: three read groups per worker). The loader is iterated twice with the same
+    processes (or, without workers, the same open store) and the second pass is timed, so that
+    start-up — spawning workers, opening the store, its one-time reads of the small per-row
+    arrays, the lost-object check of each shard, filling the prompt cache — is left out, as
+    `inpo train` pays it once per run; the pass still fills the workers' pipeline."""
     count = micro_batches or 3 * schedule.micro_batches_per_group * max(1, workers)
     dataset = MicroBatches(str(store.path), schedule, 0, count)
     if workers == 0:
         loader: Any = micro_batch_loader(dataset, 0)
-        passes = 1
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                              multiprocessing_context="spawn", persistent_workers=True,
                                              prefetch_factor=1)
-        passes = 2
-    for _ in range(passes):
+    for _ in range(2):
         started, rows = time.perf_counter(), 0
         for item in loader:
             # the trainer's loader yields micro-batches; a bare DataLoader yields stacked groups
@@ -132,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--batches", default="8,32")
     parser.add_argument("--workers", default="0,1,4")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"Store layouts to read, of {', '.join(LAYOUTS)}.")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="Micro-batches per timed pass (default: three read groups per worker).")
     args = parser.parse_args()
@@ -139,11 +144,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
-            stores = {"shard chunks": build_store(folder / "current.zarr", shape, args.rows, None, False),
-                      "shard chunks, zstd": build_store(folder / "zstd.zarr", shape, args.rows, None, True),
-                      "row chunks, zstd (earliest layout)": build_store(folder / "earlier.zarr", shape, args.rows, 1, True)}
-            arrays = build_memmaps(folder, stores["shard chunks"])
-            size = row_bytes(stores["shard chunks"])
+            stores = {LAYOUTS[key][0]: build_store(folder / f"{key}.zarr", shape, args.rows, *LAYOUTS[key][1:])
+                      for key in args.layouts.split(",")}
+            first = next(iter(stores.values()))
+            arrays = build_memmaps(folder, first)
+            size = row_bytes(first)
             for batch in (int(b) for b in args.batches.split(",")):
                 count = args.micro_batches
                 blocks = BatchSchedule(np.arange(args.rows), batch, 1, 0, seed=0, prompt_dropout=0.0)

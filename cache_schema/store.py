@@ -60,7 +60,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ EVERY_CHUNK = {"array.write_empty_chunks": True}
 EVERY_CHUNK_ATTRIBUTE = "every_chunk_written"
 DIAGNOSTIC_ARRAYS = ("done/shard_stats",)  # measurements of the run (seconds), not data
 PROMPT_CACHE_BYTES = 256 * 2**20  # per open store (each loader worker opens its own)
-ROW_BY_ROW_BYTES = 4096  # rows at least this large are gathered one copy each (see `_gather`)
+ROW_BY_ROW_BYTES = 4096  # rows at least this large are gathered one copy each (see `_scatter`)
 
 
 class StoreError(Exception):
@@ -294,6 +294,27 @@ def _codecs(compress: bool) -> list[Any]:
     return ([ZstdCodec(level=1)] if compress else []) + [Crc32cCodec()]
 
 
+def _scatter(out: np.ndarray | Sequence[np.ndarray], positions: np.ndarray, values: np.ndarray,
+             rows: np.ndarray | None = None) -> None:
+    """out[positions[j]] = values[rows[j]] (rows default 0, 1, …), where `out` is one array or a
+    list of equally long ones read as their concatenation."""
+    if len(positions) == 0:
+        return
+    parts = [out] if isinstance(out, np.ndarray) else list(out)
+    length = len(parts[0])
+    rows = np.arange(len(positions)) if rows is None else rows
+    if parts[0][0].nbytes >= ROW_BY_ROW_BYTES:
+        # a fancy-indexed assignment copies twice (into a temporary, then into out); rows of
+        # kilobytes are cheaper copied once each
+        for position, row in zip(positions.tolist(), rows.tolist()):
+            parts[position // length][position % length] = values[row]
+        return
+    part_of = positions // length
+    for part in np.unique(part_of).tolist():
+        mine = part_of == part
+        parts[part][positions[mine] % length] = values[rows[mine]]
+
+
 class CacheStore:
     """An open inpo cache store. Create with :meth:`create`, open with :meth:`open`."""
 
@@ -311,6 +332,7 @@ class CacheStore:
         self._prompt_cache: OrderedDict[int, int] = OrderedDict()
         self._prompt_slots: tuple[np.ndarray, np.ndarray | None] | None = None
         self._plain: dict[str, bool] = {}  # array path -> its objects are raw bytes + crc32c
+        self._object_buffer: np.ndarray | None = None  # one local object at a time (`_read_objects`)
 
     def _array(self, path: str) -> Any:
         if path not in self._arrays:
@@ -635,9 +657,11 @@ class CacheStore:
         dtype = self.layout.storage_dtype
         return decode_storage(text, dtype), None if pooled is None else decode_storage(pooled, dtype)
 
-    def gather_prompt_embeddings(self, indices: np.ndarray, text: np.ndarray, pooled: np.ndarray | None) -> None:
+    def gather_prompt_embeddings(self, indices: np.ndarray, text: np.ndarray | Sequence[np.ndarray],
+                                 pooled: np.ndarray | Sequence[np.ndarray] | None) -> None:
         """Fill text[j] (and pooled[j]) with the stored embeddings of prompt indices[j] (any order,
-        repeats allowed), in the storage dtype: one copy into the caller's arrays."""
+        repeats allowed), in the storage dtype: one copy into the caller's arrays (each may be a
+        list of equally long arrays, as in `gather_rows`)."""
         indices = np.asarray(indices, dtype=np.int64)
         unique, inverse = np.unique(indices, return_inverse=True)
         self._require_prompt_objects(np.unique(unique // self.layout.prompts_per_chunk))
@@ -655,24 +679,26 @@ class CacheStore:
         for index in unique[hit].tolist():
             cache.move_to_end(index)
         missing = unique[~hit]
-        fresh = [np.empty((len(missing), *out.shape[1:]), dtype=out.dtype) for out in outputs]
+        shapes = [self.prompt_spec(name) for name in names]
+        fresh = [np.empty((len(missing), *shape), dtype=dtype) for shape, dtype in shapes]
         for name, values in zip(names, fresh):
             self._gather(f"prompts/{name}", missing, values)
+        slot_of = np.zeros(len(unique), dtype=np.int64)
+        slot_of[hit] = [cache[index] for index in unique[hit].tolist()]
         row_hit = hit[inverse]
         if row_hit.all():
-            slot_of = np.fromiter((cache[index] for index in unique.tolist()), dtype=np.int64, count=len(unique))
             for out, held in zip(outputs, slots):
-                np.take(held, slot_of[inverse], axis=0, out=out)  # one copy, straight into out
+                parts = [out] if isinstance(out, np.ndarray) else list(out)
+                length, wanted = len(parts[0]), slot_of[inverse]
+                for k, part in enumerate(parts):
+                    # mode="clip" (the slots are valid): with mode="raise", numpy copies through a buffer
+                    np.take(held, wanted[k * length:(k + 1) * length], axis=0, out=part, mode="clip")
             return
-        if row_hit.any():
-            slot_of = np.zeros(len(unique), dtype=np.int64)
-            slot_of[hit] = [cache[index] for index in unique[hit].tolist()]
-            for out, held in zip(outputs, slots):
-                out[row_hit] = held[slot_of[inverse[row_hit]]]
-        if not row_hit.all():
-            position_in_fresh = np.cumsum(~hit) - 1
-            for out, values in zip(outputs, fresh):
-                out[~row_hit] = values[position_in_fresh[inverse[~row_hit]]]
+        positions = np.arange(len(indices))
+        position_in_fresh = np.cumsum(~hit) - 1
+        for out, held, values in zip(outputs, slots, fresh):
+            _scatter(out, positions[row_hit], held, slot_of[inverse[row_hit]])
+            _scatter(out, positions[~row_hit], values, position_in_fresh[inverse[~row_hit]])
         # keep the newest of the fresh prompts, evicting the least recently used
         for k in range(max(0, len(missing) - capacity), len(missing)):
             if len(cache) < capacity:
@@ -811,15 +837,17 @@ class CacheStore:
             forward_error_rejected=take("forward_error_rejected") if forward else None,
         )
 
-    def gather_rows(self, name: str, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+    def gather_rows(self, name: str, indices: np.ndarray, out: np.ndarray | Sequence[np.ndarray],
+                    positions: np.ndarray | None = None) -> None:
         """out[positions[j]] = row indices[j] of rows/`name` as stored (any order, repeats allowed;
-        positions default to 0, 1, …): the trainer assembles a micro-batch group with one copy per
-        array. Call `read_rows` first, or `require_rows`, for the lost-object check."""
+        positions default to 0, 1, …). `out` may be a list of equally long arrays, read as their
+        concatenation (the trainer gathers a group straight into its micro-batches' own arrays:
+        one copy per row). Call `read_rows` first, or `require_rows`, for the lost-object check."""
         indices = np.asarray(indices, dtype=np.int64)
         if name not in LATENT_ARRAYS + CLEAN_ARRAYS:
             whole = self._small_row_array(name)
             if whole is not None:
-                out[np.arange(len(indices)) if positions is None else positions] = whole[indices]
+                _scatter(out, np.arange(len(indices)) if positions is None else np.asarray(positions), whole, indices)
                 return
         self._gather(f"rows/{name}", indices, out, positions)
 
@@ -839,54 +867,25 @@ class CacheStore:
             raise ValueError(f"inputs must be one of {ROW_INPUTS}")
         self._require_objects(np.unique(np.asarray(indices, dtype=np.int64) // self.layout.rows_per_shard), inputs)
 
-    def _gather(self, path: str, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
-        """out[positions[j]] = element indices[j] (leading axis) of array `path`, as stored."""
+    def _gather(self, path: str, indices: np.ndarray, out: np.ndarray | Sequence[np.ndarray],
+                positions: np.ndarray | None = None) -> None:
+        """out[positions[j]] = element indices[j] (leading axis) of array `path`, as stored (`out`
+        as in `gather_rows`)."""
         positions = np.arange(len(indices)) if positions is None else np.asarray(positions)
         if len(indices) == 0:
             return
         array = self._array(path)
         if not self._plain_objects(array):
             order = np.argsort(indices, kind="stable")
-            out[positions[order]] = np.asarray(array.get_orthogonal_selection(indices[order]))
+            _scatter(out, positions[order], np.asarray(array.get_orthogonal_selection(indices[order])))
             return
         per_object = array.chunks[0]
         objects, inverse = np.unique(indices // per_object, return_inverse=True)
         by_object = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[by_object], np.arange(len(objects) + 1))
-        row_by_row = out[0].nbytes >= ROW_BY_ROW_BYTES
         for k, values in enumerate(self._read_objects(array, objects.tolist())):
             picked = by_object[bounds[k]:bounds[k + 1]]
-            local = indices[picked] - objects[k] * per_object
-            if row_by_row:
-                # a fancy-indexed assignment copies twice (into a temporary, then into out); rows
-                # of kilobytes are cheaper copied once each
-                for position, row in zip(positions[picked].tolist(), local.tolist()):
-                    out[position] = values[row]
-            else:
-                out[positions[picked]] = values[local]
-
-    @staticmethod
-    def _fetch(array: Any, keys: list[str]) -> list[np.ndarray | None]:
-        """The bytes of objects `keys` of `array` (None: no such object). A local store's objects
-        are files read directly (zarr's store hands each file to a thread: ≈ 0.1–0.3 ms per
-        object, more than reading a small one); other stores are asked concurrently, in one call."""
-        store = array.store_path.store
-        if isinstance(store, LocalStore):
-            folder = Path(store.root) / array.path
-            found: list[np.ndarray | None] = []
-            for key in keys:
-                try:
-                    with open(folder / key, "rb") as handle:
-                        found.append(np.frombuffer(handle.read(), dtype=np.uint8))
-                except FileNotFoundError:
-                    found.append(None)
-            return found
-        prototype = default_buffer_prototype()
-
-        async def fetch() -> list[Any]:
-            return await asyncio.gather(*[(array.store_path / key).get(prototype=prototype) for key in keys])
-
-        return [None if buffer is None else buffer.as_numpy_array() for buffer in sync(fetch())]
+            _scatter(out, positions[picked], values, indices[picked] - objects[k] * per_object)
 
     def _plain_objects(self, array: Any) -> bool:
         """True when each object of `array` is one chunk's raw little-endian bytes followed by
@@ -901,28 +900,64 @@ class CacheStore:
             )
         return self._plain[array.path]
 
-    def _read_objects(self, array: Any, objects: list[int]) -> list[np.ndarray]:
-        """Leading-axis chunks `objects` of a plain array (`_plain_objects`), fetched concurrently
-        in one call, each checked against its crc32c; a chunk never written reads as the fill
-        value, as through zarr (finished shards were checked for lost objects before)."""
+    def _read_objects(self, array: Any, objects: list[int]) -> Iterator[np.ndarray]:
+        """Leading-axis chunks `objects` of a plain array (`_plain_objects`), in order, each checked
+        against its crc32c; a chunk never written reads as the fill value, as through zarr
+        (finished shards were checked for lost objects before). A local store's objects are
+        files, each read into one reused buffer, which the caller copies from before asking for
+        the next one (checksum and copy then run on bytes still in the CPU's cache; zarr's store
+        would hand each file to a thread, ≈ 0.1–0.3 ms per object); other stores are asked for
+        all of them concurrently, in one call."""
         keys = [self._object_key(array, index) for index in objects]
         dtype = np.dtype(array.dtype).newbyteorder("<")
         shape = tuple(array.chunks)
-        size = int(np.prod(shape)) * dtype.itemsize
-        chunks = []
-        for key, data in zip(keys, self._fetch(array, keys)):
-            if data is None:
-                chunks.append(np.full(shape, array.fill_value, dtype=dtype))
+        size = int(np.prod(shape)) * dtype.itemsize + 4
+        store = array.store_path.store
+        if isinstance(store, LocalStore):
+            folder = os.path.join(str(store.root), array.path)
+            if self._object_buffer is None or len(self._object_buffer) < size:
+                self._object_buffer = np.empty(size, dtype=np.uint8)
+            buffer = self._object_buffer[:size]
+            for key in keys:
+                try:
+                    with open(os.path.join(folder, key), "rb", buffering=0) as handle:
+                        found = os.fstat(handle.fileno()).st_size
+                        self._check_size(array, key, found, size)
+                        view, read = memoryview(buffer), 0
+                        while read < size:  # a regular file's read returns all of it, unless interrupted
+                            count = handle.readinto(view[read:])
+                            if not count:
+                                self._check_size(array, key, read, size)
+                            read += count
+                except FileNotFoundError:
+                    yield np.full(shape, array.fill_value, dtype=dtype)
+                    continue
+                yield self._checked(array, key, buffer, dtype, shape)
+            return
+        prototype = default_buffer_prototype()
+
+        async def fetch() -> list[Any]:
+            return await asyncio.gather(*[(array.store_path / key).get(prototype=prototype) for key in keys])
+
+        for key, found in zip(keys, sync(fetch())):
+            if found is None:
+                yield np.full(shape, array.fill_value, dtype=dtype)
                 continue
-            where = f"{self.path}/{array.path}/{key}"
-            if len(data) != size + 4:
-                raise StoreError(f"{where} holds {len(data)} bytes, expected {size + 4} (a truncated or foreign "
-                                 "object): run `inpo cache verify` on the store and redo what it reports")
-            if google_crc32c.value(data[:-4]) != int(data[-4:].view("<u4")[0]):
-                raise StoreError(f"{where} fails its crc32c checksum (the object was changed or damaged): "
-                                 "run `inpo cache verify` on the store and redo what it reports")
-            chunks.append(data[:-4].view(dtype).reshape(shape))
-        return chunks
+            data = found.as_numpy_array()
+            self._check_size(array, key, len(data), size)
+            yield self._checked(array, key, data, dtype, shape)
+
+    def _check_size(self, array: Any, key: str, found: int, size: int) -> None:
+        if found != size:
+            raise StoreError(f"{self.path}/{array.path}/{key} holds {found} bytes, expected {size} (a truncated or "
+                             "foreign object): run `inpo cache verify` on the store and redo what it reports")
+
+    def _checked(self, array: Any, key: str, data: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The chunk in `data` (its bytes, then their crc32c), once the checksum matches."""
+        if google_crc32c.value(data[:-4]) != int(data[-4:].view("<u4")[0]):
+            raise StoreError(f"{self.path}/{array.path}/{key} fails its crc32c checksum (the object was changed or "
+                             "damaged): run `inpo cache verify` on the store and redo what it reports")
+        return data[:-4].view(dtype).reshape(shape)
 
     def valid_rows(self) -> np.ndarray:
         """Indices of rows that are finished and hold a usable pair."""

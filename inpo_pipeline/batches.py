@@ -9,6 +9,8 @@ loader reads a shuffle buffer's rows in one read per array (`BatchSchedule`, `Mi
 
 from __future__ import annotations
 
+import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,9 +140,13 @@ def read_micro_batch(
 def read_micro_batch_group(
     store: CacheStore, picks: list[tuple[np.ndarray, np.ndarray]], objective: str = DEFAULT_OBJECTIVE,
     process: Process | None = None,
-) -> dict[str, torch.Tensor]:
-    """G micro-batches ((rows, dropped) each, B rows apiece) from one read of the store, as tensors
-    whose leading axis is the micro-batch: entry [g] of each is micro-batch g (a view).
+) -> dict[str, Any]:
+    """G micro-batches ((rows, dropped) each, B rows apiece) from one read of the store: entry [g]
+    of each value is micro-batch g's tensor. In a loader worker every value is one tensor with the
+    micro-batch as its leading axis (one tensor per key crosses to the trainer); in the trainer's
+    own process the large ones (latents, targets, text, pooled) are lists of G tensors of their own
+    (small arrays that the allocator reuses stay in the CPU's cache, where a group-sized array of
+    hundreds of MB would not).
 
     latents/targets/labels (and SDXL time_ids, FLUX guidance) hold the B chosen images, then, for
     pairwise objectives, the B rejected ones; text (and pooled) hold the B prompts once, for the
@@ -166,27 +172,29 @@ def read_micro_batch_group(
     layout = store.layout
     dtype = layout.storage_dtype
     copies = 2 if spec.pairwise else 1
+    arrays = _GroupArrays(groups)
 
     def small(name: str) -> np.ndarray:
         shape, stored = store.row_spec(name)
-        values = np.empty((len(rows), *shape), dtype=stored)
+        values = np.empty((len(rows), *shape), dtype=stored)  # small, or picked from below
         store.gather_rows(name, rows, values)
         return values
 
     # the position of chosen row k of micro-batch g among the group's images, and its rejected one
     chosen_at = (np.arange(groups)[:, None] * copies * size + np.arange(size)).reshape(-1)
     image_shape = (groups * copies * size, *layout.latent_shape)
+    micro_batch_images = (copies * size, *layout.latent_shape)
     timestep = small("timestep")
     sigma = small("sigma") if layout.sigma else None
     if spec.inputs == INVERSION_INPUTS:
         stored = store.row_spec("latent_chosen")[1]
-        latents, targets = np.empty(image_shape, dtype=stored), np.empty(image_shape, dtype=stored)
+        latents, targets = arrays.empty(micro_batch_images, stored), arrays.empty(micro_batch_images, stored)
         for side, (latent, target) in enumerate((("latent_chosen", "target_chosen"),
                                                   ("latent_rejected", "target_rejected"))[:copies]):
             store.gather_rows(latent, rows, latents, chosen_at + side * size)
             store.gather_rows(target, rows, targets, chosen_at + side * size)
         errors = ("reference_error_chosen", "reference_error_rejected")
-        latents_tensor, targets_tensor = stored_tensor(latents, dtype), stored_tensor(targets, dtype)
+        latents_tensor, targets_tensor = arrays.tensors(latents, dtype), arrays.tensors(targets, dtype)
     else:
         clean = np.empty((len(rows), 2, *layout.latent_shape), dtype=store.row_spec("clean_chosen")[1])
         store.gather_rows("clean_chosen", rows, clean[:, 0])
@@ -199,14 +207,14 @@ def read_micro_batch_group(
         # (rows, 2, …) -> per micro-batch the B chosen images, then the B rejected ones
         latents_tensor, targets_tensor = (
             value.reshape(groups, size, 2, *layout.latent_shape)[:, :, :copies].transpose(1, 2)
-            .reshape(image_shape).contiguous() for value in formed)
+            .reshape(groups, *micro_batch_images).contiguous() for value in formed)
         errors = ("forward_error_chosen", "forward_error_rejected")
     text_shape, text_dtype = store.prompt_spec("embedding")
-    text = np.empty((len(rows), *text_shape), dtype=text_dtype)
+    text = arrays.empty((size, *text_shape), text_dtype)
     pooled = None
     if layout.pooled_dim is not None:
         pooled_shape, pooled_dtype = store.prompt_spec("pooled_embedding")
-        pooled = np.empty((len(rows), *pooled_shape), dtype=pooled_dtype)
+        pooled = arrays.empty((size, *pooled_shape), pooled_dtype)
     store.gather_prompt_embeddings(np.where(dropped, 0, small("prompt_index")), text, pooled)
     column = dropped.astype(np.int64)
     picked = np.arange(len(rows))
@@ -217,19 +225,19 @@ def read_micro_batch_group(
     def both_images(values: torch.Tensor) -> torch.Tensor:
         return per_group(values).repeat(1, copies, *([1] * (values.dim() - 1)))
 
-    result: dict[str, torch.Tensor] = {
+    result: dict[str, Any] = {
         "rows": per_group(torch.from_numpy(rows)),
-        "latents": per_group(latents_tensor),
-        "targets": per_group(targets_tensor),
+        "latents": latents_tensor,
+        "targets": targets_tensor,
         "timesteps": both_images(process.labels(timestep, sigma)),
-        "text": per_group(stored_tensor(text, dtype)),
+        "text": arrays.tensors(text, dtype),
         "reference_error_chosen": per_group(torch.from_numpy(small(errors[0])[picked, column])),
         "dropped": per_group(torch.from_numpy(dropped)),
     }
     if spec.pairwise:
         result["reference_error_rejected"] = per_group(torch.from_numpy(small(errors[1])[picked, column]))
     if pooled is not None:
-        result["pooled"] = per_group(stored_tensor(pooled, dtype))
+        result["pooled"] = arrays.tensors(pooled, dtype)
     if layout.size_conditioning:
         time_ids_shape, time_ids_dtype = store.row_spec("time_ids_chosen")
         time_ids = np.empty((groups * copies * size, *time_ids_shape), dtype=time_ids_dtype)
@@ -240,6 +248,77 @@ def read_micro_batch_group(
     if guidance is not None:
         result["guidance"] = torch.full((groups, copies * size), float(guidance))
     return result
+
+
+class _ArrayPool:
+    """Large arrays handed out again once nothing else refers to them (the tensors made from one
+    keep it alive). Fresh memory costs a page fault per 4 KiB on first touch (≈ 1–1.5 GB/s on the
+    development machine, against ≈ 7 GB/s for a copy into memory already touched), and a group's
+    arrays are hundreds of MB that the allocator would give back to the system between groups.
+    Arrays under `min_bytes` come from the allocator (which reuses small blocks itself); at most
+    `limit_bytes` are held."""
+
+    def __init__(self, limit_bytes: int, min_bytes: int = 2**18) -> None:
+        self.limit_bytes, self.min_bytes = limit_bytes, min_bytes
+        self.held: dict[tuple[tuple[int, ...], str], deque[np.ndarray]] = {}
+        self.held_bytes = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if int(np.prod(shape)) * dtype.itemsize < self.min_bytes:
+            return np.empty(shape, dtype=dtype)
+        arrays = self.held.setdefault((shape, dtype.str), deque())
+        for _ in range(len(arrays)):
+            # oldest first (arrays are freed in the order they were handed out); a free one is
+            # referenced only by the deque, `array` and getrefcount's argument
+            array = arrays[0]
+            arrays.rotate(-1)
+            if sys.getrefcount(array) <= 3:
+                return array
+        array = np.empty(shape, dtype=dtype)
+        if self.held_bytes + array.nbytes <= self.limit_bytes:
+            arrays.append(array)
+            self.held_bytes += array.nbytes
+        return array
+
+
+_POOL = _ArrayPool(limit_bytes=2 * 2**30)  # per process; about two groups of SD1.5-sized rows
+
+
+class _GroupArrays:
+    """The large arrays a group is gathered into (see `read_micro_batch_group`): G per-micro-batch
+    arrays of their own, or one array with the micro-batch as leading axis — in a loader worker
+    always the latter, in shared memory, so sending the group to the trainer copies nothing (a
+    private array is copied into shared memory when a worker sends it). `empty` returns what
+    `CacheStore.gather_rows` fills: the list of G arrays, or the one array seen as G·n rows."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.shared = torch.utils.data.get_worker_info() is not None
+        self._whole: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | list[np.ndarray]:
+        dtype = np.dtype(dtype)
+        if not self.shared and int(np.prod(shape)) * dtype.itemsize >= _POOL.min_bytes:
+            return [_POOL.empty(shape, dtype) for _ in range(self.groups)]
+        if self.shared:
+            # allocated in shared memory at once (as torch's own collate does in a worker)
+            like = torch.from_numpy(np.empty(0, dtype=dtype))
+            tensor = like.new(like.untyped_storage()._new_shared(self.groups * int(np.prod(shape)) * dtype.itemsize))
+            tensor = tensor.view(self.groups, *shape)
+        else:
+            tensor = torch.from_numpy(np.empty((self.groups, *shape), dtype=dtype))
+        rows = tensor.numpy().reshape(self.groups * shape[0], *shape[1:])
+        self._whole.append((rows, tensor))
+        return rows
+
+    def tensors(self, target: np.ndarray | list[np.ndarray], storage_dtype: str) -> torch.Tensor | list[torch.Tensor]:
+        """`stored_tensor` of what `empty` returned: one tensor (micro-batch first), or one per part."""
+        for rows, tensor in self._whole:
+            if rows is target:
+                return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" and tensor.dtype == torch.uint16 \
+                    else tensor
+        assert isinstance(target, list)
+        return [stored_tensor(part, storage_dtype) for part in target]
 
 
 def _row_inputs(objective: str) -> str:

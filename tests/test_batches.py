@@ -240,3 +240,21 @@ def test_the_loader_hands_over_stored_values_that_become_exactly_the_float32_one
     text, _ = store.read_prompt_embeddings(np.where(dropped, 0, decoded.prompt_index))
     np.testing.assert_array_equal(inputs["text"].numpy(), np.concatenate([text, text]))
     assert inputs["latents"].dtype == inputs["text"].dtype == torch.float32
+
+
+def test_spawned_workers_hand_over_the_same_micro_batches_from_shared_memory(tmp_path):
+    """Workers gather a group straight into shared memory; the trainer gets the same bits, in the
+    same order, as reading in its own process (float16 and bfloat16 stores)."""
+    for storage_dtype in ("float16", "bfloat16"):
+        store = trainable_store(tmp_path / storage_dtype, storage_dtype=storage_dtype)
+        schedule = BatchSchedule(store.valid_rows(), 4, 1, 0, seed=4, prompt_dropout=0.25, block_rows=8,
+                                 shuffle_buffer=8)
+        count = schedule.micro_batches_per_epoch + 2
+        own = list(micro_batch_loader(MicroBatches(str(store.path), schedule, 0, count), 0))
+        spawned = list(micro_batch_loader(MicroBatches(str(store.path), schedule, 0, count), 2))
+        assert len(own) == len(spawned) == count
+        assert spawned[0]["latents"].dtype == (torch.bfloat16 if storage_dtype == "bfloat16" else torch.float16)
+        for index, (mine, theirs) in enumerate(zip(own, spawned)):
+            assert mine.keys() == theirs.keys()
+            for key, value in mine.items():
+                assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), (storage_dtype, index, key)
