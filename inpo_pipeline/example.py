@@ -20,7 +20,7 @@ import json
 import random
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -148,9 +148,9 @@ def build_tiny_tokenizer(path: Path | str) -> CLIPTokenizer:
 # --------------------------------------------------------------------------------- pipelines
 
 
-def _text_config(**overrides: int) -> CLIPTextConfig:
+def _text_config(**overrides: Any) -> CLIPTextConfig:
     """diffusers' tiny test text-encoder config, with special ids matching the tiny tokenizer."""
-    return CLIPTextConfig(
+    values: dict[str, Any] = dict(
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=EOS_TOKEN_ID,
@@ -160,8 +160,8 @@ def _text_config(**overrides: int) -> CLIPTextConfig:
         num_attention_heads=4,
         num_hidden_layers=5,
         vocab_size=TEXT_VOCAB_SIZE,
-        **overrides,
     )
+    return CLIPTextConfig(**{**values, **overrides})
 
 
 def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
@@ -191,11 +191,12 @@ def _ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def build_tiny_sd15(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def build_tiny_sd15(path: Path, seed: int = 0, prediction_type: str = "epsilon", open_clip: bool = False) -> Path:
     """Save a randomly initialised tiny SD 1.5 pipeline folder at ``path`` and return it.
 
     Each model is built right after ``torch.manual_seed(seed)``, so equal seeds give bit-identical
-    weight files. ``prediction_type="v_prediction"`` makes it an SD 2.x-style v-model.
+    weight files. ``prediction_type="v_prediction"`` makes it an SD 2.x-style v-model;
+    ``open_clip=True`` gives it SD 2.x's kind of text encoder (OpenCLIP's GELU, not quick GELU).
     """
     path = Path(path)
     tokenizer = build_tiny_tokenizer(path / "tokenizer")
@@ -204,7 +205,7 @@ def build_tiny_sd15(path: Path, seed: int = 0, prediction_type: str = "epsilon")
     torch.manual_seed(seed)
     vae = _tiny_vae(scaling_factor=0.18215)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config())
+    text_encoder = CLIPTextModel(_text_config(**({"hidden_act": "gelu"} if open_clip else {})))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -219,12 +220,14 @@ def build_tiny_sd15(path: Path, seed: int = 0, prediction_type: str = "epsilon")
     return path
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+def build_tiny_sdxl(path: Path, seed: int = 0, second_text_width: int = TEXT_HIDDEN_SIZE) -> Path:
     """Save a randomly initialised tiny SDXL pipeline folder at ``path`` and return it.
 
     Two 32-wide text encoders are concatenated into 64-wide cross-attention context; the UNet's
     added embedding takes 6 micro-conditioning values x 8 plus the 32-wide pooled projection.
     The VAE keeps SDXL's own scaling factor (0.13025), so readers must take it from the config.
+    `second_text_width` widens the second encoder (and its projection), as SDXL's bigG is wider
+    than its CLIP-L (a single-file loader tells the two apart by width).
     """
     path = Path(path)
     tokenizer = build_tiny_tokenizer(path / "tokenizer")
@@ -236,15 +239,16 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN_SIZE,
-        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        projection_class_embeddings_input_dim=6 * 8 + second_text_width,
+        cross_attention_dim=TEXT_HIDDEN_SIZE + second_text_width,
     )
     torch.manual_seed(seed)
     vae = _tiny_vae(scaling_factor=0.13025)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_config())
     torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN_SIZE))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=second_text_width,
+                                                              hidden_size=second_text_width))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -1,9 +1,13 @@
-"""A diffusers SD1.x pipeline as one checkpoint in the original (CompVis / LDM) key layout.
+"""A diffusers SD1.x, SD2.x or SDXL pipeline as one checkpoint in the original (CompVis / LDM /
+Stability) key layout.
 
 The layout A1111, ComfyUI and `from_single_file` read: the UNet under ``model.diffusion_model.``,
-the VAE under ``first_stage_model.``, the CLIP text encoder under ``cond_stage_model.transformer.``.
-The maps below are the block arithmetic of the two layouts, derived from the UNet's and the VAE's
-own configs (so any number of blocks and layers per block works, not only SD's four):
+the VAE under ``first_stage_model.``, the text encoders by model: SD1.x's CLIP under
+``cond_stage_model.transformer.`` (transformers' own names), SD2.x's OpenCLIP ViT-H under
+``cond_stage_model.model.``, SDXL's CLIP-L under ``conditioner.embedders.0.transformer.`` and its
+OpenCLIP bigG under ``conditioner.embedders.1.model.``. The maps below are the block arithmetic of
+the two layouts, derived from the UNet's and the VAE's own configs (so any number of blocks and
+layers per block works, not only SD's four or SDXL's three):
 
 * UNet: the LDM model numbers its down path as one list, ``input_blocks.k``: k = 0 is conv_in,
   then per down block i (L resnets each) k = i·(L+1) + j + 1 holds resnet j (``.0``) and its
@@ -15,6 +19,11 @@ own configs (so any number of blocks and layers per block works, not only SD's f
 * VAE: ``encoder.down.i.block.j`` / ``decoder.up.(N−1−i).block.j`` (the LDM decoder counts its
   up blocks from the bottom), mid resnets ``mid.block_1/2``, the mid attention ``mid.attn_1``
   with q/k/v/proj_out as 1×1 convolutions (diffusers keeps them as linear layers).
+* OpenCLIP text encoders: ``transformer.resblocks.i`` with q/k/v as one ``attn.in_proj`` (rows
+  q, then k, then v), ``ln_1``/``ln_2``, ``mlp.c_fc``/``mlp.c_proj``; ``token_embedding``,
+  ``positional_embedding``, ``ln_final``, and ``text_projection`` as the matrix P of x·P (the
+  transpose of the linear layer's weight). SD2.x's diffusers text encoder holds the 23 layers
+  SD2 uses (it conditions on OpenCLIP-H's penultimate layer), so the checkpoint has those 23.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+OPEN_CLIP_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                         "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
 
 UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -133,15 +146,62 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     return converted
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The CLIP text model's keys under TEXT_PREFIX as `text_model.…` (transformers ≥ 5.6 keeps
+def text_encoder_to_ldm(state: dict[str, torch.Tensor], prefix: str = TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    """The CLIP text model's keys under `prefix` as `text_model.…` (transformers ≥ 5.6 keeps
     CLIPTextModel's weights without that level; the checkpoints have it)."""
-    return {TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+    return {prefix + (key if key.startswith("text_model.") else "text_model." + key): value
             for key, value in state.items() if not key.endswith("position_ids")}
 
 
-def sd_checkpoint(unet: Any, vae: Any, text_encoder: Any) -> dict[str, torch.Tensor]:
-    """One state dict of the three models in the original layout, contiguous (as safetensors wants)."""
-    parts = {**unet_to_ldm(unet.state_dict(), dict(unet.config)), **vae_to_ldm(vae.state_dict(), dict(vae.config)),
-             **text_encoder_to_ldm(text_encoder.state_dict())}
+def text_encoder_to_open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text model (transformers' keys) in OpenCLIP's layout under `prefix` (see the module
+    docstring); a key with no place there is refused (ValueError)."""
+    left = {key.removeprefix("text_model."): value for key, value in state.items() if not key.endswith("position_ids")}
+    converted = {prefix + "token_embedding.weight": left.pop("embeddings.token_embedding.weight"),
+                 prefix + "positional_embedding": left.pop("embeddings.position_embedding.weight")}
+    for kind in ("weight", "bias"):
+        converted[prefix + f"ln_final.{kind}"] = left.pop(f"final_layer_norm.{kind}")
+    if "text_projection.weight" in left:
+        converted[prefix + "text_projection"] = left.pop("text_projection.weight").T  # x·P there, W·x here
+    layers = sorted({int(key.split(".")[2]) for key in left if key.startswith("encoder.layers.")})
+    for i in layers:
+        ours, theirs = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            converted[theirs + f"attn.in_proj_{kind}"] = torch.cat(
+                [left.pop(ours + f"self_attn.{part}_proj.{kind}") for part in ("q", "k", "v")])
+            for old, new in OPEN_CLIP_LAYER_PARTS.items():
+                converted[theirs + f"{new}.{kind}"] = left.pop(ours + f"{old}.{kind}")
+    if left:
+        raise ValueError(f"the text encoder key {next(iter(left))} has no place in OpenCLIP's layout")
+    return converted
+
+
+def is_open_clip(text_encoder: Any) -> bool:
+    """SD2.x's text encoder is OpenCLIP's (GELU); SD1.x's is OpenAI's CLIP (quick GELU)."""
+    return text_encoder.config.hidden_act != "quick_gelu"
+
+
+def _sd_text(pipeline: Any) -> dict[str, torch.Tensor]:
+    state = pipeline.text_encoder.state_dict()
+    return text_encoder_to_open_clip(state, OPEN_CLIP_PREFIX) if is_open_clip(pipeline.text_encoder) \
+        else text_encoder_to_ldm(state)
+
+
+def _sdxl_text(pipeline: Any) -> dict[str, torch.Tensor]:
+    return {**text_encoder_to_ldm(pipeline.text_encoder.state_dict(), SDXL_TEXT_PREFIXES[0]),
+            **text_encoder_to_open_clip(pipeline.text_encoder_2.state_dict(), SDXL_TEXT_PREFIXES[1])}
+
+
+TEXT_LAYOUTS = {"sd15": _sd_text, "sdxl": _sdxl_text}  # family -> its text encoders' original layout
+
+
+def checkpoint(family: str, pipeline: Any) -> dict[str, torch.Tensor]:
+    """One state dict of the pipeline's UNet, VAE and text encoder(s) in the original layout of
+    `family` (a key of TEXT_LAYOUTS), contiguous (as safetensors wants); ValueError for another
+    family or a module the layout has no place for."""
+    if family not in TEXT_LAYOUTS:
+        raise ValueError(f"the original single-file layout is written for {', '.join(TEXT_LAYOUTS)}, not {family}")
+    parts = {**unet_to_ldm(pipeline.unet.state_dict(), dict(pipeline.unet.config)),
+             **vae_to_ldm(pipeline.vae.state_dict(), dict(pipeline.vae.config)),
+             **TEXT_LAYOUTS[family](pipeline)}
     return {key: value.detach().contiguous() for key, value in parts.items()}

@@ -2,7 +2,7 @@
 
 diffusers: the LoRA folder as trained (`load_lora_weights`), or for a full run a pipeline folder
 (`from_pretrained`); kohya / comfyui: a LoRA as one kohya-layout .safetensors file; single-file:
-the whole SD1.x model (a LoRA fused in) as one .safetensors in the original checkpoint layout
+the whole SD1.x, SD2.x or SDXL model (a LoRA fused in) as one .safetensors in the original checkpoint layout
 (`inpo_pipeline.single_file`; what A1111, ComfyUI's checkpoint loader and `from_single_file` read).
 """
 
@@ -84,33 +84,39 @@ def _write_single_file(run_dir: Path, out: Path, record: dict[str, Any], setting
                        rank: int) -> dict[str, Any]:
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from inpo_pipeline.single_file import sd_checkpoint
+    from inpo_pipeline.single_file import TEXT_LAYOUTS, checkpoint
 
-    if settings["family"] != "sd15":
-        raise UserError(f"--format {SINGLE_FILE} writes SD1.x checkpoints; this run's family is {settings['family']}: "
-                        "use --format diffusers")
+    family = family_named(settings["family"])
+    if family.name not in TEXT_LAYOUTS:
+        raise UserError(f"--format {SINGLE_FILE} writes SD1.x, SD2.x and SDXL checkpoints; this run's family is "
+                        f"{family.name}: use --format diffusers")
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: a single-file checkpoint is one file; give a path ending in .safetensors")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as folder:
-        pipeline_folder = export_pipeline(settings["model"], run_dir, "sd15", rank, settings.get("unet"),
+        pipeline_folder = export_pipeline(settings["model"], run_dir, family.name, rank, settings.get("unet"),
                                           settings.get("vae"), target=Path(folder) / "pipeline")
-        pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline_folder), safety_checker=None,
-                                                           requires_safety_checker=False)
-        if pipeline.text_encoder.config.hidden_act != "quick_gelu":
-            raise UserError(f"--format {SINGLE_FILE}: this is an SD2.x-type model (an OpenCLIP text encoder), whose "
-                            "original layout this export does not write; use --format diffusers")
+        pipeline = family.diffusers_class().from_pretrained(str(pipeline_folder),
+                                                            **family.pipeline_kwargs(str(pipeline_folder)))
         try:
-            weights = sd_checkpoint(pipeline.unet, pipeline.vae, pipeline.text_encoder)
-        except ValueError as error:  # a UNet/VAE module the original layout has no place for
+            weights = checkpoint(family.name, pipeline)
+        except ValueError as error:  # a module the original layout has no place for
             raise UserError(f"--format {SINGLE_FILE}: {error}; use --format diffusers") from error
-    metadata = {"format": "pt", "inpo_run": json.dumps({"options": record["options"], "model": settings["model"]},
+    # the model as the user named it (a hub id, or the folder's name: no local paths in a shared file)
+    model = settings["model"] if not os.path.isabs(str(settings["model"])) else Path(settings["model"]).name
+    metadata = {"format": "pt", "inpo_run": json.dumps({"options": _shareable(record["options"]), "model": model},
                                                         default=str)}
     _replace(out, lambda target: save_file(weights, str(target), metadata=metadata))
-    return {"format": SINGLE_FILE, "path": str(out), "kind": "checkpoint (UNet, VAE, text encoder)",
+    return {"format": SINGLE_FILE, "path": str(out), "kind": "checkpoint (UNet, VAE, text encoders)",
             "tensors": len(weights)}
+
+
+def _shareable(options: dict[str, Any]) -> dict[str, Any]:
+    """A run's options without this machine's paths (a checkpoint is shared): path values keep
+    their last component."""
+    return {name: Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+            for name, value in options.items()}
 
 
 def _replace(out: Path, write: Any) -> None:

@@ -130,30 +130,72 @@ def test_export_errors_are_one_line_and_write_nothing(runs, tmp_path):
     assert result.exit_code == 2 and "not finished" in result.output
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_a_single_file_checkpoint_loads_back_with_from_single_file(runs, tmp_path, kind):
-    from diffusers import StableDiffusionPipeline
+@pytest.fixture(scope="module")
+def single_file_runs(tmp_path_factory, runs, pickapic) -> dict[str, Path]:
+    """Runs of the layouts beyond SD1.5's: an SD2-type model (OpenCLIP text encoder) and an SDXL
+    whose second encoder is wider than its first, as SDXL's bigG is (a loader tells them apart by
+    width), each trained full and with a LoRA."""
+    from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl
 
+    folder = tmp_path_factory.mktemp("single-file")
+    made = {"sd15-model": runs["sd15-model"], "sd15-full": runs["sd15-full"], "sd15-lora": runs["sd15-lora"]}
+    models = {"sd2": build_tiny_sd15(folder / "tiny-sd2", open_clip=True),
+              "sdxl": build_tiny_sdxl(folder / "tiny-sdxl-wide", second_text_width=48)}
+    for name, model in models.items():
+        store = make_store(model, pickapic["path"], folder / f"{name}.zarr")
+        made[f"{name}-model"] = model
+        for kind, extra in (("lora", ["--lora-rank", "4"]), ("full", [])):
+            run = folder / f"{name}-{kind}"
+            result = runner.invoke(app, ["train", "--cache", str(store), "--out", str(run), *FAST, "--steps", "2",
+                                         "--lr", "1e-2", "--warmup", "0", *extra])
+            assert result.exit_code == 0, result.output
+            made[f"{name}-{kind}"] = run
+    return made
+
+
+# keys only the family's original layout has (the loader picks its converters by them)
+LAYOUT_KEYS = {
+    "sd15": ["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"],
+    "sd2": ["cond_stage_model.model.token_embedding.weight", "cond_stage_model.model.transformer.resblocks.4.attn.in_proj_weight"],
+    "sdxl": ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+             "conditioner.embedders.1.model.positional_embedding", "conditioner.embedders.1.model.text_projection",
+             "conditioner.embedders.1.model.transformer.resblocks.4.mlp.c_fc.weight",
+             "model.diffusion_model.label_emb.0.0.weight"],
+}
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_single_file_checkpoint_loads_back_with_from_single_file(single_file_runs, tmp_path, model, kind):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    runs = single_file_runs
+    family = "sdxl" if model == "sdxl" else "sd15"
     out = tmp_path / f"{kind}.safetensors"
-    result = runner.invoke(app, ["export", str(runs[f"sd15-{kind}"]), "--format", "single-file", "--out", str(out)])
+    result = runner.invoke(app, ["export", str(runs[f"{model}-{kind}"]), "--format", "single-file", "--out", str(out)])
     assert result.exit_code == 0, result.output
     with safe_open(str(out), "pt") as handle:
         keys = set(handle.keys())
-        assert json.loads(handle.metadata()["inpo_run"])["options"]["lora_rank"] == (4 if kind == "lora" else 0)
+        shared = json.loads(handle.metadata()["inpo_run"])
+    assert shared["options"]["lora_rank"] == (4 if kind == "lora" else 0)
+    # no path of this machine in a file meant to be shared
+    assert str(tmp_path.parent.parent) not in json.dumps(shared) and shared["model"] == runs[f"{model}-model"].name
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
-    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
-    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(runs["sd15-model"]), safety_checker=None,
-                                                      local_files_only=True)
+    assert set(LAYOUT_KEYS[model]) <= keys
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None}
+    loaded = cls.from_single_file(str(out), config=str(runs[f"{model}-model"]), local_files_only=True, **extra)
     folder = tmp_path / f"{kind}-pipeline"
-    assert runner.invoke(app, ["export", str(runs[f"sd15-{kind}"]), "--format", "diffusers", "--out", str(folder)]).exit_code == 0
+    assert runner.invoke(app, ["export", str(runs[f"{model}-{kind}"]), "--format", "diffusers", "--out", str(folder)]).exit_code == 0
     if kind == "full":
-        reference = _pipeline("sd15", folder)
+        reference = _pipeline(family, folder)
     else:  # the LoRA export is the adapter alone; the checkpoint holds it fused into the base
-        reference = _pipeline("sd15", runs["sd15-model"])
+        reference = _pipeline(family, runs[f"{model}-model"])
         reference.load_lora_weights(str(folder))
-    # every weight of the three models comes back bit for bit (a LoRA: fused, so to float32 rounding)
-    for name in ("unet", "vae", "text_encoder"):
+    # every weight of the models comes back bit for bit (a LoRA: fused, so to float32 rounding)
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ())
+    for name in names:
         theirs, ours = getattr(reference, name), getattr(loaded, name)
         if kind == "lora" and name == "unet":
             torch.testing.assert_close(_unet_output(ours), _unet_output(theirs), rtol=1e-5, atol=1e-6)
@@ -161,14 +203,18 @@ def test_a_single_file_checkpoint_loads_back_with_from_single_file(runs, tmp_pat
         expected, actual = theirs.state_dict(), ours.state_dict()
         assert set(expected) == set(actual), name
         assert all(torch.equal(expected[k], actual[k]) for k in expected), name
-    base = _pipeline("sd15", runs["sd15-model"])
+    base = _pipeline(family, runs[f"{model}-model"])
     assert not torch.equal(_unet_output(loaded.unet), _unet_output(base.unet))
 
 
 def test_single_file_refuses_other_families_and_other_suffixes(runs, tmp_path):
-    sdxl = runner.invoke(app, ["export", str(runs["sdxl-lora"]), "--format", "single-file",
-                               "--out", str(tmp_path / "x.safetensors")])
-    assert sdxl.exit_code == 2 and "writes SD1.x checkpoints" in sdxl.output
+    flow_run = tmp_path / "flux-run"
+    flow_run.mkdir()
+    record = json.loads((runs["sdxl-lora"] / "run.json").read_text())
+    record["store"]["settings"]["family"] = "flux"
+    (flow_run / "run.json").write_text(json.dumps(record))
+    flow = runner.invoke(app, ["export", str(flow_run), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")])
+    assert flow.exit_code == 2 and "writes SD1.x, SD2.x and SDXL checkpoints" in flow.output and "flux" in flow.output
     suffix = runner.invoke(app, ["export", str(runs["sd15-full"]), "--format", "single-file", "--out", str(tmp_path / "x.ckpt")])
     assert suffix.exit_code == 2 and "ending in .safetensors" in suffix.output
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["flux-run"]
