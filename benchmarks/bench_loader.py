@@ -147,6 +147,10 @@ def main() -> None:
             stores = {LAYOUTS[key][0]: build_store(folder / f"{key}.zarr", shape, args.rows, *LAYOUTS[key][1:])
                       for key in args.layouts.split(",")}
             first = next(iter(stores.values()))
+            for layout, store in stores.items():
+                on_disk = {"shape": shape, "layout": layout, "bytes_on_disk": store.bytes_on_disk()}
+                report.setdefault("bytes_on_disk", []).append(on_disk)
+                print(on_disk, file=sys.stderr, flush=True)
             arrays = build_memmaps(folder, first)
             size = row_bytes(first)
             for batch in (int(b) for b in args.batches.split(",")):
