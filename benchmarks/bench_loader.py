@@ -100,8 +100,10 @@ def time_loader(store: CacheStore, schedule: BatchSchedule, micro_batches: int, 
     (default: three read groups per worker). The loader is iterated twice with the same
     processes (or, without workers, the same open store) and the second pass is timed, so that
     start-up — spawning workers, opening the store, its one-time reads of the small per-row
-    arrays, the lost-object check of each shard, filling the prompt cache — is left out, as
-    `inpo train` pays it once per run; the pass still fills the workers' pipeline."""
+    arrays, the lost-object check of each shard — is left out, as `inpo train` pays it once per
+    run; the pass still fills the workers' pipeline. The prompt cache filled by the first pass
+    serves the second only as far as the dataset's prompts fit it (`--prompt-cache-mb 0`
+    measures reading every prompt's object instead)."""
     count = micro_batches or 3 * schedule.micro_batches_per_group * max(1, workers)
     dataset = MicroBatches(str(store.path), schedule, 0, count)
     if workers == 0:
@@ -139,7 +141,16 @@ def main() -> None:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"Store layouts to read, of {', '.join(LAYOUTS)}.")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="Micro-batches per timed pass (default: three read groups per worker).")
+    parser.add_argument("--prompt-cache-mb", type=float, default=None,
+                        help="The prompt cache of each open store (default: the store's own, 256 MB); "
+                             "0 reads every prompt's object. Without workers only (spawned ones start anew).")
     args = parser.parse_args()
+    if args.prompt_cache_mb is not None:
+        if args.workers != "0":
+            parser.error("--prompt-cache-mb applies to --workers 0 only")
+        import cache_schema.store
+
+        cache_schema.store.PROMPT_CACHE_BYTES = int(args.prompt_cache_mb * 2**20)
     report: dict = {"machine": machine(), "rows": args.rows, "results": []}
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as scratch:

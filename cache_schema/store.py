@@ -294,6 +294,13 @@ def _codecs(compress: bool) -> list[Any]:
     return ([ZstdCodec(level=1)] if compress else []) + [Crc32cCodec()]
 
 
+def _check_bounds(path: str, indices: np.ndarray, length: int) -> None:
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= length):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise StoreError(f"{path} has {length} entries; index {bad} is outside them (a damaged plan array?): "
+                         "run `inpo cache verify` on the store")
+
+
 def _scatter(out: np.ndarray | Sequence[np.ndarray], positions: np.ndarray, values: np.ndarray,
              rows: np.ndarray | None = None) -> None:
     """out[positions[j]] = values[rows[j]] (rows default 0, 1, …), where `out` is one array or a
@@ -663,11 +670,13 @@ class CacheStore:
         repeats allowed), in the storage dtype: one copy into the caller's arrays (each may be a
         list of equally long arrays, as in `gather_rows`)."""
         indices = np.asarray(indices, dtype=np.int64)
+        _check_bounds("prompts", indices, self.layout.num_prompts)
         unique, inverse = np.unique(indices, return_inverse=True)
         self._require_prompt_objects(np.unique(unique // self.layout.prompts_per_chunk))
         names = ["embedding"] + (["pooled_embedding"] if pooled is not None else [])
         outputs = [text] + ([pooled] if pooled is not None else [])
-        capacity = self._prompt_cache_capacity()
+        # the cache keeps every stored embedding of a prompt: a call that asks for fewer reads past it
+        capacity = self._prompt_cache_capacity() if (pooled is not None) == (self.layout.pooled_dim is not None) else 0
         if capacity == 0:
             for name, out in zip(names, outputs):
                 self._gather(f"prompts/{name}", indices, out)
@@ -800,6 +809,7 @@ class CacheStore:
         if isinstance(indices, slice):
             indices = np.arange(*indices.indices(self.layout.num_rows))
         indices = np.asarray(indices, dtype=np.int64)
+        _check_bounds("rows", indices, self.layout.num_rows)
         self._require_objects(np.unique(indices // self.layout.rows_per_shard), inputs)
         dtype = self.layout.storage_dtype
 
@@ -847,6 +857,7 @@ class CacheStore:
         if name not in LATENT_ARRAYS + CLEAN_ARRAYS:
             whole = self._small_row_array(name)
             if whole is not None:
+                _check_bounds(f"rows/{name}", indices, len(whole))
                 _scatter(out, np.arange(len(indices)) if positions is None else np.asarray(positions), whole, indices)
                 return
         self._gather(f"rows/{name}", indices, out, positions)
@@ -865,7 +876,9 @@ class CacheStore:
         """Refuse (one line) to read rows of finished shards whose objects are gone."""
         if inputs not in ROW_INPUTS:
             raise ValueError(f"inputs must be one of {ROW_INPUTS}")
-        self._require_objects(np.unique(np.asarray(indices, dtype=np.int64) // self.layout.rows_per_shard), inputs)
+        indices = np.asarray(indices, dtype=np.int64)
+        _check_bounds("rows", indices, self.layout.num_rows)
+        self._require_objects(np.unique(indices // self.layout.rows_per_shard), inputs)
 
     def _gather(self, path: str, indices: np.ndarray, out: np.ndarray | Sequence[np.ndarray],
                 positions: np.ndarray | None = None) -> None:
@@ -875,6 +888,7 @@ class CacheStore:
         if len(indices) == 0:
             return
         array = self._array(path)
+        _check_bounds(path, indices, array.shape[0])
         if not self._plain_objects(array):
             order = np.argsort(indices, kind="stable")
             _scatter(out, positions[order], np.asarray(array.get_orthogonal_selection(indices[order])))

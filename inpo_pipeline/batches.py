@@ -262,23 +262,30 @@ class _ArrayPool:
         self.limit_bytes, self.min_bytes = limit_bytes, min_bytes
         self.held: dict[tuple[tuple[int, ...], str], deque[np.ndarray]] = {}
         self.held_bytes = 0
+        # what `_references_of_first` counts for an array nobody else holds, measured here rather
+        # than assumed (how many references a call itself adds differs between Python versions)
+        self.free_references = _references_of_first(deque([np.empty(1)]))
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         if int(np.prod(shape)) * dtype.itemsize < self.min_bytes:
             return np.empty(shape, dtype=dtype)
         arrays = self.held.setdefault((shape, dtype.str), deque())
         for _ in range(len(arrays)):
-            # oldest first (arrays are freed in the order they were handed out); a free one is
-            # referenced only by the deque, `array` and getrefcount's argument
-            array = arrays[0]
+            # oldest first: arrays are let go of in the order they were handed out
+            free = _references_of_first(arrays) <= self.free_references
             arrays.rotate(-1)
-            if sys.getrefcount(array) <= 3:
-                return array
+            if free:
+                return arrays[-1]
         array = np.empty(shape, dtype=dtype)
         if self.held_bytes + array.nbytes <= self.limit_bytes:
             arrays.append(array)
             self.held_bytes += array.nbytes
         return array
+
+
+def _references_of_first(arrays: deque[np.ndarray]) -> int:
+    array = arrays[0]
+    return sys.getrefcount(array)
 
 
 _POOL = _ArrayPool(limit_bytes=2 * 2**30)  # per process; about two groups of SD1.5-sized rows

@@ -103,20 +103,24 @@ def _write_single_file(run_dir: Path, out: Path, record: dict[str, Any], setting
             weights = checkpoint(family.name, pipeline)
         except ValueError as error:  # a module the original layout has no place for
             raise UserError(f"--format {SINGLE_FILE}: {error}; use --format diffusers") from error
-    # the model as the user named it (a hub id, or the folder's name: no local paths in a shared file)
-    model = settings["model"] if not os.path.isabs(str(settings["model"])) else Path(settings["model"]).name
-    metadata = {"format": "pt", "inpo_run": json.dumps({"options": _shareable(record["options"]), "model": model},
-                                                        default=str)}
+    metadata = {"format": "pt", "inpo_run": json.dumps({"options": _shareable(record["options"]),
+                                                        "model": _shareable_value(settings["model"])}, default=str)}
     _replace(out, lambda target: save_file(weights, str(target), metadata=metadata))
     return {"format": SINGLE_FILE, "path": str(out), "kind": "checkpoint (UNet, VAE, text encoders)",
             "tensors": len(weights)}
 
 
 def _shareable(options: dict[str, Any]) -> dict[str, Any]:
-    """A run's options without this machine's paths (a checkpoint is shared): path values keep
-    their last component."""
-    return {name: Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
-            for name, value in options.items()}
+    """A run's options without this machine's paths (a checkpoint is shared)."""
+    return {name: _shareable_value(value) for name, value in options.items()}
+
+
+def _shareable_value(value: Any) -> Any:
+    """A local path (absolute, or relative and present here) keeps its last component; anything
+    else, a hub id included, is kept as it is."""
+    if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)):
+        return Path(value).name
+    return value
 
 
 def _replace(out: Path, write: Any) -> None:

@@ -258,3 +258,59 @@ def test_spawned_workers_hand_over_the_same_micro_batches_from_shared_memory(tmp
             assert mine.keys() == theirs.keys()
             for key, value in mine.items():
                 assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), (storage_dtype, index, key)
+
+
+def test_the_prompt_cache_is_not_filled_by_a_call_that_leaves_out_the_pooled_embeddings(tmp_path):
+    from tests.test_cache_schema import _complete_store
+
+    path = tmp_path / "sdxl"
+    _complete_store(path, "sdxl")
+    store, uncached = CacheStore.open(path), CacheStore.open(path)
+    uncached.prompt_cache_bytes = 0
+    wanted = np.array([3, 1, 2])
+    text = np.empty((3, *store.layout.text_shape), dtype=np.float16)
+    store.gather_prompt_embeddings(wanted, text, None)
+    assert len(store._prompt_cache) == 0
+    got_text, got_pooled = store.read_prompt_embeddings(wanted)
+    want_text, want_pooled = uncached.read_prompt_embeddings(wanted)
+    np.testing.assert_array_equal(got_text, want_text)
+    np.testing.assert_array_equal(got_pooled, want_pooled)
+    np.testing.assert_array_equal(text, uncached.read_prompt_embeddings(wanted, decode=False)[0])
+
+
+def test_an_index_outside_an_array_fails_in_one_line_instead_of_reading_zeros(tmp_path):
+    store = trainable_store(tmp_path / "store")
+    number = store.layout.num_prompts
+    with pytest.raises(StoreError, match=f"prompts has {number} entries; index {number} is outside them"):
+        store.read_prompt_embeddings(np.array([1, number]))
+    with pytest.raises(StoreError, match="rows has 40 entries; index 40 is outside them"):
+        store.read_rows(np.array([3, 40]))
+    with pytest.raises(StoreError, match="rows has 40 entries; index 41 is outside them"):
+        read_micro_batch(store, np.array([0, 41]), np.zeros(2, dtype=bool))
+    with pytest.raises(StoreError, match="rows/timestep has 40 entries; index -1 is outside them"):
+        store.gather_rows("timestep", np.array([-1]), np.empty(1, dtype=np.int32))
+
+
+def test_the_array_pool_hands_an_array_out_again_only_once_nothing_holds_it():
+    from inpo_pipeline.batches import _ArrayPool
+
+    pool = _ArrayPool(limit_bytes=2**20, min_bytes=0)
+    kind = np.dtype(np.float16)
+
+    def address(array: np.ndarray) -> int:
+        return array.__array_interface__["data"][0]
+
+    first = pool.empty((4, 8), kind)
+    first_at = address(first)
+    held = torch.from_numpy(first)[1:]  # a view of a tensor of it, as a micro-batch is
+    del first
+    second = pool.empty((4, 8), kind)
+    assert address(second) != first_at  # the first is still held through the view
+    second_at = address(second)
+    del second
+    assert address(pool.empty((4, 8), kind)) == second_at  # let go of: handed out again
+    del held
+    again = [pool.empty((4, 8), kind) for _ in range(2)]
+    assert sorted(address(array) for array in again) == sorted([first_at, second_at])
+    assert len(pool.held[((4, 8), kind.str)]) == 2
+    assert address(pool.empty((4, 8), kind)) not in (first_at, second_at)  # both held by `again`
