@@ -314,3 +314,33 @@ def test_the_array_pool_hands_an_array_out_again_only_once_nothing_holds_it():
     assert sorted(address(array) for array in again) == sorted([first_at, second_at])
     assert len(pool.held[((4, 8), kind.str)]) == 2
     assert address(pool.empty((4, 8), kind)) not in (first_at, second_at)  # both held by `again`
+
+
+def test_a_store_behind_another_zarr_store_reads_the_same_bits_and_checks_them(tmp_path):
+    """Stores that are not local folders (fsspec's, as s3:// would be) are asked for all objects
+    of a read in one concurrent call; the bits and the checksum refusal are the same."""
+    import warnings
+
+    import zarr
+    from zarr.storage import FsspecStore
+
+    local = trainable_store(tmp_path / "store")
+
+    def through_fsspec() -> CacheStore:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fsspec's local filesystem is wrapped to be asynchronous
+            store = FsspecStore.from_url(f"file://{local.path}", read_only=True)
+        return CacheStore(local.path, zarr.open_group(store, mode="r"), local.layout)
+
+    remote = through_fsspec()
+    assert type(remote.group.store).__name__ == "FsspecStore"
+    rows, dropped = np.array([3, 17, 9, 30, 17]), np.array([False, True, False, False, True])
+    for objective in ("inpo", "diffusion-dpo"):
+        expected, got = read_micro_batch(local, rows, dropped, objective), read_micro_batch(remote, rows, dropped, objective)
+        assert all(torch.equal(expected[key], got[key]) for key in expected)
+    shard_file = local.path / "rows" / "latent_rejected" / "c" / "2" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[7] ^= 0x10
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="rows/latent_rejected/c/2/0/0/0 fails its crc32c checksum"):
+        read_micro_batch(through_fsspec(), np.array([16]), np.zeros(1, dtype=bool))
