@@ -3,12 +3,15 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py                      # tiny and sd15 latents
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --shapes sd15 --rows 4096 --batches 8,32 --workers 0,1,4
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --layouts zstd,earliest --batches 8 --workers 0,2
+    OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --layouts current,s3    # needs the s3 extra and moto[server]
 
 For each latent shape a store of random rows is written three times through `CacheStore`: in the
 current layout (one chunk per shard, latents and text uncompressed: raw bytes + crc32c, read by
 `CacheStore` itself), with zstd latents and text (`compress_latents=True`, the previous default:
 read through zarr's codecs) and in the earliest layout (one row per chunk, `rows_per_chunk=1`,
-zstd). Then, side by side in one run:
+zstd); `s3` uploads the current layout's objects to a local S3 server (moto, on 127.0.0.1, in its
+own process on the same cores: its per-request cost, not a real S3's, bounds what that row shows)
+and reads the store by its s3:// URL. Then, side by side in one run:
 
 (a) `loader`: the trainer's own path (`BatchSchedule` → `MicroBatches` → its DataLoader settings,
     spawned workers, start-up left out: see `time_loader`), InPO inputs: four latent arrays, two reference errors, the plan arrays, and
@@ -28,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import dump, machine  # noqa: E402
+from benchmarks.local_s3 import local_s3  # noqa: E402
 from cache_schema import CacheStore, RowPlan, ShardResult, StoreLayout  # noqa: E402
 from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader  # noqa: E402
 
@@ -44,7 +49,8 @@ LATENTS = {"tiny": ((4, 8, 8), (77, 32)), "sd15": ((4, 64, 64), (77, 768))}
 LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")
 # name: (label, rows_per_chunk, compress_latents)
 LAYOUTS = {"current": ("shard chunks", None, False), "zstd": ("shard chunks, zstd", None, True),
-           "earliest": ("row chunks, zstd (earliest layout)", 1, True)}
+           "earliest": ("row chunks, zstd (earliest layout)", 1, True),
+           "s3": ("shard chunks, local S3 server", None, False)}
 
 
 def settings() -> dict:
@@ -152,11 +158,31 @@ def main() -> None:
 
         cache_schema.store.PROMPT_CACHE_BYTES = int(args.prompt_cache_mb * 2**20)
     report: dict = {"machine": machine(), "rows": args.rows, "results": []}
+    with ExitStack() as servers:
+        new_bucket = servers.enter_context(local_s3()) if "s3" in args.layouts.split(",") else None
+        run(args, report, new_bucket)
+    dump(report)
+
+
+def upload(store: CacheStore, bucket: str) -> CacheStore:
+    """The same store's objects under s3://bucket/… (the local copy is removed)."""
+    import s3fs
+
+    url = f"s3://{bucket}/{store.path.name}"
+    s3fs.S3FileSystem().put(str(store.path), url.removeprefix("s3://"), recursive=True)
+    shutil.rmtree(store.path)
+    return CacheStore.open(url)
+
+
+def run(args: argparse.Namespace, report: dict, new_bucket: Any) -> None:
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
+            keys = args.layouts.split(",")
             stores = {LAYOUTS[key][0]: build_store(folder / f"{key}.zarr", shape, args.rows, *LAYOUTS[key][1:])
-                      for key in args.layouts.split(",")}
+                      for key in keys}
+            if "s3" in keys:
+                stores[LAYOUTS["s3"][0]] = upload(stores[LAYOUTS["s3"][0]], new_bucket())
             first = next(iter(stores.values()))
             for layout, store in stores.items():
                 on_disk = {"shape": shape, "layout": layout, "bytes_on_disk": store.bytes_on_disk()}
@@ -185,8 +211,8 @@ def main() -> None:
                             report["results"].append(result)
                             print(result, file=sys.stderr, flush=True)
             for store in stores.values():
-                shutil.rmtree(store.path, ignore_errors=True)
-    dump(report)
+                if isinstance(store.path, Path):
+                    shutil.rmtree(store.path, ignore_errors=True)
 
 
 if __name__ == "__main__":

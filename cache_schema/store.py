@@ -55,7 +55,6 @@ Every chunk carries a crc32c checksum, so a flipped byte fails on read.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -72,7 +71,9 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, MemoryStore
+
+from cache_schema.locations import ROOT_METADATA, LocalFolder, ObjectPrefix, StoreError, attributes_of, locate
 
 SCHEMA_NAME = "inpo.cache"
 SCHEMA_VERSION = 3
@@ -96,10 +97,6 @@ EVERY_CHUNK_ATTRIBUTE = "every_chunk_written"
 DIAGNOSTIC_ARRAYS = ("done/shard_stats",)  # measurements of the run (seconds), not data
 PROMPT_CACHE_BYTES = 256 * 2**20  # per open store (each loader worker opens its own)
 ROW_BY_ROW_BYTES = 4096  # rows at least this large are gathered one copy each (see `_scatter`)
-
-
-class StoreError(Exception):
-    """A store that cannot be used as asked; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -322,11 +319,25 @@ def _scatter(out: np.ndarray | Sequence[np.ndarray], positions: np.ndarray, valu
         parts[part][positions[mine] % length] = values[rows[mine]]
 
 
+def _store_objects(memory: MemoryStore) -> dict[str, bytes]:
+    """Every object of an in-memory zarr store, key -> bytes (a new object-store store's upload)."""
+    prototype = default_buffer_prototype()
+
+    async def collect() -> dict[str, bytes]:
+        keys = [key async for key in memory.list()]
+        values = await asyncio.gather(*[memory.get(key, prototype=prototype) for key in keys])
+        return {key: value.to_bytes() for key, value in zip(keys, values) if value is not None}
+
+    return sync(collect())
+
+
 class CacheStore:
     """An open inpo cache store. Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, path: Path, group: zarr.Group, layout: StoreLayout) -> None:
-        self.path = path
+    def __init__(self, path: str | Path | LocalFolder | ObjectPrefix, group: zarr.Group, layout: StoreLayout) -> None:
+        self.location = path if isinstance(path, (LocalFolder, ObjectPrefix)) else locate(path)
+        # where the store is: a local store's Path, an object store's URL
+        self.path: Path | str = self.location.url if self.location.remote else self.location.path
         self.group = group
         self.layout = layout
         self._arrays: dict[str, Any] = {}  # opened array handles (opening one reads its metadata)
@@ -366,26 +377,51 @@ class CacheStore:
     # ------------------------------------------------------------------ creation / opening
     @staticmethod
     def exists(path: str | Path) -> bool:
-        return (Path(path) / "zarr.json").exists()
+        return locate(path).exists(ROOT_METADATA)
+
+    @staticmethod
+    def occupied(path: str | Path) -> bool:
+        """Anything at all at `path` (a store, a leftover, or something else)."""
+        return locate(path).occupied()
+
+    @staticmethod
+    def interrupted_creation(path: str | Path) -> bool:
+        """An object-store prefix holding only a store's objects without its root: a creation that
+        was killed before it finished (creating again uploads the same objects over them)."""
+        location = locate(path)
+        return location.remote and not location.exists(ROOT_METADATA) and location.only_store_objects()
+
+    @staticmethod
+    def target_problem(path: str | Path) -> str | None:
+        """Why no store can be made at `path` as it is now (a file, a URL with keys in it); None
+        where one can. Asks no server."""
+        try:
+            return locate(path).problem_as_target()
+        except StoreError as error:
+            return str(error)
+
+    @staticmethod
+    def prepare_target(path: str | Path) -> None:
+        """Make a local store's parent folders (OSError for the caller) or reach an object store's
+        bucket; refuse, in one line, an unwritable folder or a missing bucket."""
+        locate(path).prepare()
+
+    @staticmethod
+    def identity(path: str | Path) -> str:
+        """The store's place as a run records it: an absolute local path, or the URL."""
+        return locate(path).identity
 
     @staticmethod
     def remove(path: str | Path) -> None:
-        """Delete a store, but only something that is recognisably an inpo store (or empty)."""
-        path = Path(path)
-        if not path.exists():
+        """Delete a store, but only something that is recognisably an inpo store (or empty, or an
+        interrupted creation on an object store)."""
+        location = locate(path)
+        if not location.occupied():
+            location.remove()
             return
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-            return
-        try:
-            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            attrs = {}
-        if attrs.get("schema") != SCHEMA_NAME:
-            raise StoreError(
-                f"refusing to delete {path}: it is not an inpo cache store; choose another --out"
-            )
-        shutil.rmtree(path)
+        if attributes_of(location).get("schema") != SCHEMA_NAME and not location.only_store_objects():
+            raise StoreError(f"refusing to delete {location}: it is not an inpo cache store; choose another --out")
+        location.remove()
 
     @classmethod
     def create(
@@ -402,15 +438,19 @@ class CacheStore:
     ) -> CacheStore:
         """Create every array at its final size and write the row plan; one process only.
 
-        The store is built in a hidden sibling folder and renamed into place when complete, so
-        a creation killed at any moment leaves either no store or a whole one (a leftover
-        sibling is removed by the next creation). Uncoordinated creators of the same store (the
-        workers of `inpo invert --worker`) each pass their own `creator` name: each builds in its
-        own sibling, and a whole store another creator put in place first is returned instead
-        (its settings are the caller's to compare). `compress_latents` zstd-compresses the latents
-        and text embeddings as earlier stores did (≈ 8 % smaller, ≈ 10× the read CPU).
+        A local store is built in a hidden sibling folder and renamed into place when complete,
+        so a creation killed at any moment leaves either no store or a whole one (a leftover
+        sibling is removed by the next creation). An object store has no rename: the store is
+        built in memory and uploaded with its root metadata last, so a killed creation leaves
+        objects without a root, which the next creation uploads over. Uncoordinated creators of
+        the same store (the workers of `inpo invert --worker`) each pass their own `creator` name;
+        a whole store another creator put in place first is returned instead (its settings are
+        the caller's to compare). On an object store two creators may upload at once: they
+        upload the same objects, and neither ever writes a shard's data or done flag, so a
+        worker already filling the store loses nothing. `compress_latents` zstd-compresses the
+        latents and text embeddings as earlier stores did (≈ 8 % smaller, ≈ 10× the read CPU).
         """
-        path = Path(path)
+        location = locate(path)
         if len(plan.timestep) != layout.num_rows or len(prompts) != layout.num_prompts:
             raise StoreError("row plan or prompt list does not match the layout")
         if (plan.sigma is not None) != layout.sigma:
@@ -419,65 +459,77 @@ class CacheStore:
             raise StoreError("prompt 0 must be the empty prompt")
         if creator is not None and cls._whole_store_at(path):
             return cls.open(path, mode="r+")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreError(f"{path} exists; remove it first (only an inpo store may be removed)")
-        building = path.with_name(f".{path.name}.creating" + (f"-{creator}" if creator is not None else ""))
+        if location.occupied() and not cls.interrupted_creation(path):
+            if creator is not None and cls._whole_store_at(path):
+                return cls.open(path, mode="r+")  # put in place by another creator since the check above
+            raise StoreError(f"{location} exists; remove it first (only an inpo store may be removed)")
+        attributes = {
+            "schema": SCHEMA_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "state": "creating",
+            "layout": layout.to_json(),
+            "settings": settings,
+            "provenance": provenance,
+            EVERY_CHUNK_ATTRIBUTE: True,
+        }
+        if isinstance(location, ObjectPrefix):
+            memory = MemoryStore()
+            cls._build(zarr.open_group(memory, mode="w"), attributes, layout, plan, prompts, compress_latents)
+            location.upload(_store_objects(memory))
+            return cls.open(path, mode="r+")
+        folder = location.path
+        building = folder.with_name(f".{folder.name}.creating" + (f"-{creator}" if creator is not None else ""))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(building, ignore_errors=True)
-            group = zarr.open_group(str(building), mode="w")
-            group.attrs.update(
-                {
-                    "schema": SCHEMA_NAME,
-                    "schema_version": SCHEMA_VERSION,
-                    "state": "creating",
-                    "layout": layout.to_json(),
-                    "settings": settings,
-                    "provenance": provenance,
-                    EVERY_CHUNK_ATTRIBUTE: True,
-                }
-            )
-            store = cls(building, group, layout)
-            store._create_arrays(compress_latents)
-            with zarr.config.set(EVERY_CHUNK):
-                rows = group["rows"]
-                rows["timestep"][:] = plan.timestep.astype(np.int32)
-                rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
-                rows["source_row"][:] = plan.source_row.astype(np.int64)
-                rows["draw"][:] = plan.draw.astype(np.int16)
-                rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
-                rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
-                if layout.sigma:
-                    rows["sigma"][:] = np.asarray(plan.sigma).astype(np.float32)
-                group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
-            group.attrs["state"] = "ready"
-            os.replace(building, path)
+            cls._build(zarr.open_group(str(building), mode="w"), attributes, layout, plan, prompts, compress_latents)
+            os.replace(building, folder)
         except OSError as error:
             shutil.rmtree(building, ignore_errors=True)
             if creator is not None and cls._whole_store_at(path):
                 return cls.open(path, mode="r+")  # another creator renamed its store into place first
-            raise StoreError(f"cannot create the store at {path}: {error.strerror or error}") from error
-        return cls(path, zarr.open_group(str(path), mode="r+"), layout)
+            raise StoreError(f"cannot create the store at {folder}: {error.strerror or error}") from error
+        return cls(folder, zarr.open_group(str(folder), mode="r+"), layout)
 
     @classmethod
-    def _whole_store_at(cls, path: Path) -> bool:
+    def _build(cls, group: zarr.Group, attributes: dict[str, Any], layout: StoreLayout, plan: RowPlan,
+               prompts: Sequence[str], compress_latents: bool) -> None:
+        """Every array of a new store in `group`, the plan written, the state set to ready last."""
+        group.attrs.update(attributes)
+        cls._create_arrays(group, layout, compress_latents)
+        with zarr.config.set(EVERY_CHUNK):
+            rows = group["rows"]
+            rows["timestep"][:] = plan.timestep.astype(np.int32)
+            rows["prompt_index"][:] = plan.prompt_index.astype(np.int32)
+            rows["source_row"][:] = plan.source_row.astype(np.int64)
+            rows["draw"][:] = plan.draw.astype(np.int16)
+            rows["caption_index"][:] = np.asarray(plan.caption_index).astype(np.int32)
+            rows["flip"][:] = np.asarray(plan.flip).astype(np.uint8)
+            if layout.sigma:
+                rows["sigma"][:] = np.asarray(plan.sigma).astype(np.float32)
+            group["prompts"]["text"][:] = np.array(list(prompts), dtype=object)
+        group.attrs["state"] = "ready"
+
+    @classmethod
+    def _whole_store_at(cls, path: str | Path) -> bool:
         return cls.exists(path) and cls.read_attributes(path).get("state") == "ready"
 
     @classmethod
     def remove_stale_builds(cls, path: str | Path) -> None:
-        """Remove the build siblings of killed creators once a whole store is in place. Safe even
-        while another creator still builds: its rename then fails and `create` returns this store."""
-        path = Path(path)
-        if cls._whole_store_at(path):
-            for sibling in path.parent.glob(f".{path.name}.creating*"):
+        """Remove the build siblings of killed local creators once a whole store is in place. Safe
+        even while another creator still builds: its rename then fails and `create` returns this
+        store. (An object store's creation leaves no sibling.)"""
+        location = locate(path)
+        if isinstance(location, LocalFolder) and cls._whole_store_at(path):
+            for sibling in location.path.parent.glob(f".{location.path.name}.creating*"):
                 shutil.rmtree(sibling, ignore_errors=True)
 
-    def _create_arrays(self, compress_latents: bool) -> None:
-        layout = self.layout
+    @staticmethod
+    def _create_arrays(group: zarr.Group, layout: StoreLayout, compress_latents: bool) -> None:
         n, r = layout.num_rows, layout.rows_per_shard
         latent = layout.latent_shape
         dtype = _zarr_dtype(layout.storage_dtype)
-        rows = self.group.create_group("rows")
+        rows = group.create_group("rows")
 
         k = int(layout.rows_per_chunk)
 
@@ -523,7 +575,7 @@ class CacheStore:
             rows.create_array("sigma", shape=(n,), chunks=(r,), dtype="float32", compressors=_codecs(True),
                               fill_value=0)
 
-        prompts = self.group.create_group("prompts")
+        prompts = group.create_group("prompts")
         p, q = layout.num_prompts, layout.prompts_per_chunk
         prompts.create_array("text", shape=(p,), chunks=(p,), dtype=str)
 
@@ -549,7 +601,7 @@ class CacheStore:
                 fill_value=0,
             )
 
-        done = self.group.create_group("done")
+        done = group.create_group("done")
         # chunk size 1: every flag is its own object, so writers never share one
         done.create_array("shards", shape=(layout.num_shards,), chunks=(1,), dtype="uint8",
                           compressors=_codecs(False), fill_value=0)
@@ -562,36 +614,35 @@ class CacheStore:
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> CacheStore:
         """Open an existing store, checking that it is a complete-at-creation inpo store."""
-        path = Path(path)
-        if not cls.exists(path):
-            raise StoreError(f"no inpo cache store at {path}; create one with `inpo invert`")
+        location = locate(path)
+        if not location.exists(ROOT_METADATA):
+            raise StoreError(f"no inpo cache store at {location}; create one with `inpo invert`")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode)
             attrs = dict(group.attrs)
+        except StoreError:
+            raise
         except Exception as error:  # zarr raises several types for unreadable metadata
-            raise StoreError(f"cannot read the store at {path}: {error}") from error
+            raise StoreError(f"cannot read the store at {location}: {error}") from error
         if attrs.get("schema") != SCHEMA_NAME:
-            raise StoreError(f"{path} is a Zarr group but not an inpo cache store")
+            raise StoreError(f"{location} is a Zarr group but not an inpo cache store")
         version = attrs.get("schema_version")
         if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{path} has cache schema version {version}; this inpo reads versions "
+                f"{location} has cache schema version {version}; this inpo reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}: re-create it with `inpo invert --overwrite`"
             )
         if attrs.get("state") != "ready":
             raise StoreError(
-                f"{path} was not fully created (its creation was interrupted); "
+                f"{location} was not fully created (its creation was interrupted); "
                 "run the same `inpo invert` command again to redo it"
             )
-        return cls(path, group, StoreLayout.from_json(attrs["layout"]))
+        return cls(location, group, StoreLayout.from_json(attrs["layout"]))
 
     @staticmethod
     def read_attributes(path: str | Path) -> dict[str, Any]:
         """The group attributes, without any validation (for deciding whether to resume)."""
-        try:
-            return json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            return {}
+        return attributes_of(locate(path))
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -1100,14 +1151,8 @@ class CacheStore:
 
     # ------------------------------------------------------------------ summaries
     def bytes_on_disk(self) -> int:
-        total = 0
-        for root, _dirs, files in os.walk(self.path):
-            for name in files:
-                try:
-                    total += os.path.getsize(os.path.join(root, name))
-                except OSError:
-                    pass
-        return total
+        """Bytes of every object of the store (an object store lists them: one request per 1000)."""
+        return self.location.size()
 
     def raw_bytes_per_row(self) -> int:
         """Uncompressed bytes of one row's arrays (the latents dominate)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-from pathlib import Path
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -127,8 +126,7 @@ class InvertOptions:
             (self.rows_per_shard >= 1, "--rows-per-shard must be at least 1"),
             (self.shards_per_window >= 1, "--shards-per-window must be at least 1"),
             (self.prompts_per_chunk >= 1, "--prompts-per-chunk must be at least 1"),
-            (not Path(self.out).exists() or Path(self.out).is_dir(),
-             f"--out {self.out} is a file; give the path of a store folder"),
+            (CacheStore.target_problem(self.out) is None, f"--out: {CacheStore.target_problem(self.out)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -260,11 +258,13 @@ def _prepare_store(
 ) -> None:
     """Rank 0: resume a matching store, refuse a different one, or plan and create a new one."""
     out = options.out
-    if CacheStore.exists(out) or (os.path.isdir(out) and os.listdir(out)):
+    if CacheStore.occupied(out):
         attrs = CacheStore.read_attributes(out)
         if options.overwrite:
             CacheStore.remove(out)
             reporter.line(f"--overwrite: removed the existing store at {out}")
+        elif CacheStore.interrupted_creation(out):
+            reporter.line(f"{out}: its creation was interrupted (or another worker is creating it); creating it")
         elif not attrs:
             raise UserError(f"{out} exists and is not an inpo cache store; choose another --out")
         else:
@@ -286,11 +286,9 @@ def _prepare_store(
             CacheStore.remove(out)
             reporter.line(f"{out}: its creation was interrupted; creating it again")
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        CacheStore.prepare_target(out)
     except OSError as error:
         raise _disk_error(error, out) from error
-    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
-        raise UserError(f"cannot write to {out}: permission denied; choose another --out")
 
     layout_rows = options.rows_per_shard * options.shards_per_window
     process = reference.process(resolution, settings.get("process"))

@@ -388,7 +388,7 @@ def _write_run_file(run_dir: Path, options: TrainOptions, effective_batch: int, 
         "status": status, "updated_at": now_iso(), "inpo_version": inpo_pipeline.__version__,
         "options": asdict(options), "effective_batch": effective_batch, "identity": identity,
         "beta_convention": beta_convention(store.settings),
-        "store": {"path": str(Path(options.cache).resolve()), "settings": store.settings,
+        "store": {"path": CacheStore.identity(options.cache), "settings": store.settings,
                   "provenance": store.provenance},
         "final_metrics": final,
     }

@@ -64,3 +64,17 @@ def cli_env() -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                 "PYTHONUNBUFFERED": "1"})
     return env
+
+
+# A secret no test ever passes on: the S3 tests check that no object of a store holds it.
+S3_SECRET = "inpo-test-secret-never-stored"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's server, benchmarks/local_s3.py), credentials and the
+    endpoint in the AWS_* environment; yields a function that makes a fresh bucket."""
+    from benchmarks.local_s3 import local_s3
+
+    with local_s3(access_key="inpo-test-key", secret=S3_SECRET) as new_bucket:
+        yield new_bucket
