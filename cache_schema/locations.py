@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 ROOT_METADATA = "zarr.json"
 STORE_FOLDERS = ("rows", "prompts", "done")  # every object of a store but its root lies below one
+# other processes write the same prefix: a cached listing would hide their objects (or keep lost ones)
+LISTINGS = {"use_listings_cache": False}
 
 
 class StoreError(Exception):
@@ -133,7 +135,7 @@ class ObjectPrefix:
             import fsspec
 
             try:
-                self._fs, self.root = fsspec.core.url_to_fs(self.url)
+                self._fs, self.root = fsspec.core.url_to_fs(self.url, **LISTINGS)
             except (ImportError, ValueError) as error:
                 raise StoreError(f"cannot open {self.url}: {error} (for s3:// install inpo's `s3` extra)") from error
         return self._fs
@@ -157,7 +159,7 @@ class ObjectPrefix:
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import FsspecStore
 
-        return self._call("open", lambda: FsspecStore.from_url(self.url, read_only=read_only))
+        return self._call("open", lambda: FsspecStore.from_url(self.url, read_only=read_only, storage_options=LISTINGS))
 
     def read_text(self, key: str) -> str | None:
         try:

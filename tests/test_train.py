@@ -266,9 +266,14 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(sd15_sto
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 per device × 2 process(es) × 1 accumulation" in result.stderr
     first, second = _weights(one), _weights(two)
-    worst = max((first[k] - second[k]).abs().max().item() / (first[k].abs().max().item() + 1e-12) for k in first)
-    print(f"largest relative weight difference, 2 DDP ranks vs 1 process: {worst:.2e}")
-    assert worst < 1e-3
+    start = load_unet(CacheStore.open(sd15_store).settings["model"]).state_dict()
+    # Adam moves every weight by ≈ lr per step whatever its gradient's size, so a weight whose
+    # gradient is ≈ 0 moves by float noise's sign: compare the updates as a whole, not elementwise
+    update = torch.cat([(first[k] - start[k].to(first[k].dtype)).flatten() for k in first])
+    apart = torch.cat([(first[k] - second[k]).flatten() for k in first])
+    relative = (apart.norm() / update.norm()).item()
+    print(f"2 DDP ranks vs 1 process: |Δ weights| / |update| = {relative:.2e}, update norm {update.norm():.3e}")
+    assert update.norm() > 0 and relative < 1e-2
     losses = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert np.allclose(*losses, rtol=1e-4)
 
