@@ -987,3 +987,18 @@ def test_all_zero_chunks_are_written_so_none_is_missing(tmp_path: Path) -> None:
     for name in ("valid", "draw", "flip"):
         assert (path / "rows" / name / "c" / "1").exists() or (path / "rows" / name / "c" / "1" / "0").exists(), name
     assert CacheStore.open(path).missing_shard_objects(1) == []
+
+
+def test_where_no_store_can_be_made_is_said_without_asking_a_server(tmp_path):
+    from cache_schema.locations import LocalFolder, ObjectPrefix, locate
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert CacheStore.target_problem(a_file) == f"{a_file} is a file; give the path of a store folder"
+    assert CacheStore.target_problem(tmp_path / "new.zarr") is None
+    keyed = CacheStore.target_problem("s3://AKIA:secret@bucket/store.zarr")
+    assert keyed is not None and "keys do not go in the URL" in keyed and "secret" not in keyed
+    assert isinstance(locate("s3://bucket/a/b.zarr/"), ObjectPrefix) and str(locate("s3://bucket/a/b.zarr/")) == "s3://bucket/a/b.zarr"
+    assert isinstance(locate(f"file://{tmp_path}/x.zarr"), LocalFolder)
+    assert CacheStore.identity(tmp_path / "." / "x.zarr") == str((tmp_path / "x.zarr").resolve())
+    assert CacheStore.identity("s3://bucket/x.zarr") == "s3://bucket/x.zarr"
