@@ -170,21 +170,21 @@ class ObjectPrefix:
     def exists(self, key: str) -> bool:
         return bool(self._call("read", lambda: self.fs.exists(self._key(key))))
 
-    def keys(self) -> list[str]:
-        self.fs.invalidate_cache()
+    def _top_level(self) -> list[str]:
+        """Names directly under the prefix: one delimited listing, however large the store."""
         try:
-            found = self._call("list", lambda: self.fs.find(self.root))
+            found = self._call("list", lambda: self.fs.ls(self.root, detail=False))
         except FileNotFoundError:
             return []
-        return [name[len(self.root) + 1:] for name in found]
+        return [name.rstrip("/").rsplit("/", 1)[-1] for name in found]
 
     def occupied(self) -> bool:
-        return bool(self.keys())
+        return bool(self._top_level())
 
     def only_store_objects(self) -> bool:
         """True when everything here lies below a store's folders (an interrupted creation)."""
-        keys = self.keys()
-        return bool(keys) and all(key.split("/", 1)[0] in STORE_FOLDERS for key in keys)
+        names = self._top_level()
+        return bool(names) and all(name in STORE_FOLDERS for name in names)
 
     def remove(self) -> None:
         if self.occupied():

@@ -459,7 +459,7 @@ class CacheStore:
             raise StoreError("prompt 0 must be the empty prompt")
         if creator is not None and cls._whole_store_at(path):
             return cls.open(path, mode="r+")
-        if location.occupied() and not cls.interrupted_creation(path):
+        if not cls.interrupted_creation(path) and location.occupied():
             if creator is not None and cls._whole_store_at(path):
                 return cls.open(path, mode="r+")  # put in place by another creator since the check above
             raise StoreError(f"{location} exists; remove it first (only an inpo store may be removed)")
@@ -1071,8 +1071,14 @@ class CacheStore:
         """The key of the object holding leading-axis chunk (or shard) `index` of `array`."""
         return array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
 
-    def _object_exists(self, array: Any, index: int) -> bool:
-        return bool(sync((array.store_path / self._object_key(array, index)).exists()))
+    def _objects_exist(self, objects: Sequence[tuple[Any, int]]) -> list[bool]:
+        """Whether each (array, leading-axis chunk) object is in the store, asked all at once (on
+        an object store each is a request)."""
+        async def check() -> list[bool]:
+            return await asyncio.gather(*[(array.store_path / self._object_key(array, index)).exists()
+                                          for array, index in objects])
+
+        return [bool(found) for found in sync(check())]
 
     def missing_shard_objects(self, shard: int, names: Sequence[str] | None = None) -> list[str]:
         """Paths of the objects of a finished shard that are not in the store.
@@ -1087,16 +1093,20 @@ class CacheStore:
         if not self.every_chunk_written:
             valid = np.asarray(rows["valid"][self.layout.shard_rows(shard)]).astype(bool)
             names = [n for n in names if n in LATENT_ARRAYS + CLEAN_ARRAYS] if valid.any() else []
-        return [f"rows/{name}/{self._object_key(self._array(f'rows/{name}'), shard)}"
-                for name in names if not self._object_exists(self._array(f"rows/{name}"), shard)]
+        arrays = [self._array(f"rows/{name}") for name in names]
+        found = self._objects_exist([(array, shard) for array in arrays])
+        return [f"rows/{name}/{self._object_key(array, shard)}"
+                for name, array, present in zip(names, arrays, found) if not present]
 
     def missing_prompt_objects(self, chunk: int) -> list[str]:
         prompts = self.group["prompts"]
         names = [name for name in ("embedding", "pooled_embedding") if name in prompts]
         span = self.layout.prompt_chunk(chunk)
         objects = [chunk] if self.layout.prompt_shards else range(span.start, span.stop)
+        wanted = [(name, index) for name in names for index in objects]
+        found = self._objects_exist([(prompts[name], index) for name, index in wanted])
         return [f"prompts/{name}/{self._object_key(prompts[name], index)}"
-                for name in names for index in objects if not self._object_exists(prompts[name], index)]
+                for (name, index), present in zip(wanted, found) if not present]
 
     def _lost(self, missing: list[str]) -> StoreError:
         return StoreError(

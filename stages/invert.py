@@ -91,6 +91,7 @@ class InvertOptions:
         if self.timestep_mode in ddim.RETIRED_MODES:
             raise UserError(ddim.RETIRED_MODES[self.timestep_mode])
         modes = ddim.TIMESTEP_MODES if process_kind == "diffusion" else FLOW_TIMESTEP_MODES
+        target_problem = CacheStore.target_problem(self.out)
         checks = [
             ((self.worker is None) == (self.workers is None), "--worker and --workers go together"),
             (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
@@ -126,7 +127,7 @@ class InvertOptions:
             (self.rows_per_shard >= 1, "--rows-per-shard must be at least 1"),
             (self.shards_per_window >= 1, "--shards-per-window must be at least 1"),
             (self.prompts_per_chunk >= 1, "--prompts-per-chunk must be at least 1"),
-            (CacheStore.target_problem(self.out) is None, f"--out: {CacheStore.target_problem(self.out)}"),
+            (target_problem is None, f"--out: {target_problem}"),
         ]
         for ok, message in checks:
             if not ok:
