@@ -95,6 +95,20 @@ def build_memmaps(folder: Path, store: CacheStore) -> dict[str, np.ndarray]:
     return arrays
 
 
+def time_raw_gets(store: CacheStore) -> float:
+    """Rows/s of fetching, as concurrently as s3fs goes, every object of the four latent arrays
+    and the text embeddings of an s3:// store: what the server delivers at all, with no decoding,
+    checking or copying (the floor the s3 rows are also taken against)."""
+    fs = store.location.fs
+    root = store.location.root
+    keys = [key for key in fs.find(root) if any(f"/{name}/c/" in key for name in (*LATENT_ARRAYS, "embedding"))]
+    started = time.perf_counter()
+    fetched = fs.cat(keys)
+    elapsed = time.perf_counter() - started
+    assert len(fetched) == len(keys)
+    return store.layout.num_rows / elapsed
+
+
 def row_bytes(store: CacheStore) -> int:
     c, h, w = store.layout.latent_shape
     length, width = store.layout.text_shape
@@ -112,17 +126,11 @@ def time_loader(store: CacheStore, schedule: BatchSchedule, micro_batches: int, 
     measures reading every prompt's object instead)."""
     count = micro_batches or 3 * schedule.micro_batches_per_group * max(1, workers)
     dataset = MicroBatches(str(store.path), schedule, 0, count)
-    if workers == 0:
-        loader: Any = micro_batch_loader(dataset, 0)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                             multiprocessing_context="spawn", persistent_workers=True,
-                                             prefetch_factor=1)
+    loader = micro_batch_loader(dataset, workers, persistent_workers=workers > 0)
     for _ in range(2):
         started, rows = time.perf_counter(), 0
-        for item in loader:
-            # the trainer's loader yields micro-batches; a bare DataLoader yields stacked groups
-            rows += sum(len(batch["rows"]) for batch in item) if isinstance(item, list) else item["rows"].numel()
+        for batch in loader:
+            rows += len(batch["rows"])
         elapsed = time.perf_counter() - started
     assert rows == count * schedule.batch_size
     return rows / elapsed
@@ -202,12 +210,16 @@ def run(args: argparse.Namespace, report: dict, new_bucket: Any) -> None:
                             if layout != "shard chunks" and order == "rows":
                                 continue
                             rate = time_loader(store, schedule, count, workers)
+                            raw = {}
+                            if layout == LAYOUTS["s3"][0]:
+                                raw_rate = time_raw_gets(store)
+                                raw = {"raw_get_rows_per_s": round(raw_rate, 1), "share_of_raw_get": round(rate / raw_rate, 3)}
                             result = {"shape": shape, "batch": batch, "workers": workers, "layout": layout,
                                       "order": order, "rows_per_s": round(rate, 1),
                                       "mb_per_s": round(rate * size / 1e6, 1),
                                       "memmap_rows_per_s": round(floor, 1),
                                       "memmap_block_order_rows_per_s": round(floor_blocks, 1),
-                                      "share_of_memmap": round(rate / floor, 3)}
+                                      "share_of_memmap": round(rate / floor, 3), **raw}
                             report["results"].append(result)
                             print(result, file=sys.stderr, flush=True)
             for store in stores.values():

@@ -313,6 +313,10 @@ def _scatter(out: np.ndarray | Sequence[np.ndarray], positions: np.ndarray, valu
         for position, row in zip(positions.tolist(), rows.tolist()):
             parts[position // length][position % length] = values[row]
         return
+    if len(parts) == 1:
+        out_array = parts[0]
+        out_array[positions] = values[rows]
+        return
     part_of = positions // length
     for part in np.unique(part_of).tolist():
         mine = part_of == part

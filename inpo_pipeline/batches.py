@@ -207,7 +207,8 @@ def read_micro_batch_group(
         # (rows, 2, …) -> per micro-batch the B chosen images, then the B rejected ones
         latents_tensor, targets_tensor = (
             value.reshape(groups, size, 2, *layout.latent_shape)[:, :, :copies].transpose(1, 2)
-            .reshape(groups, *micro_batch_images).contiguous() for value in formed)
+            .reshape(groups, *micro_batch_images) for value in formed)
+        latents_tensor, targets_tensor = arrays.adopt(latents_tensor), arrays.adopt(targets_tensor)
         errors = ("forward_error_chosen", "forward_error_rejected")
     text_shape, text_dtype = store.prompt_spec("embedding")
     text = arrays.empty((size, *text_shape), text_dtype)
@@ -295,8 +296,10 @@ class _GroupArrays:
     """The large arrays a group is gathered into (see `read_micro_batch_group`): G per-micro-batch
     arrays of their own, or one array with the micro-batch as leading axis — in a loader worker
     always the latter, in shared memory, so sending the group to the trainer copies nothing (a
-    private array is copied into shared memory when a worker sends it). `empty` returns what
-    `CacheStore.gather_rows` fills: the list of G arrays, or the one array seen as G·n rows."""
+    private array is copied into shared memory when a worker sends it), and from the worker's
+    slots (`_SharedSlots`), so the memory is reused once the trainer hands it back. `empty`
+    returns what `CacheStore.gather_rows` fills: the list of G arrays, or the one array seen as
+    G·n rows."""
 
     def __init__(self, groups: int) -> None:
         self.groups = groups
@@ -308,15 +311,21 @@ class _GroupArrays:
         if not self.shared and int(np.prod(shape)) * dtype.itemsize >= _POOL.min_bytes:
             return [_POOL.empty(shape, dtype) for _ in range(self.groups)]
         if self.shared:
-            # allocated in shared memory at once (as torch's own collate does in a worker)
-            like = torch.from_numpy(np.empty(0, dtype=dtype))
-            tensor = like.new(like.untyped_storage()._new_shared(self.groups * int(np.prod(shape)) * dtype.itemsize))
-            tensor = tensor.view(self.groups, *shape)
+            tensor = _worker_slots().take((self.groups, *shape), dtype)
         else:
             tensor = torch.from_numpy(np.empty((self.groups, *shape), dtype=dtype))
         rows = tensor.numpy().reshape(self.groups * shape[0], *shape[1:])
         self._whole.append((rows, tensor))
         return rows
+
+    def adopt(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` as one contiguous tensor; in a worker, copied into one of its shared slots
+        (a copy into memory already touched costs less than the fresh shared memory the worker
+        would otherwise send it in)."""
+        if not self.shared:
+            return values.contiguous()
+        slot = _worker_slots().take(tuple(values.shape), np.dtype(str(values.dtype).removeprefix("torch.")))
+        return slot.copy_(values)
 
     def tensors(self, target: np.ndarray | list[np.ndarray], storage_dtype: str) -> torch.Tensor | list[torch.Tensor]:
         """`stored_tensor` of what `empty` returned: one tensor (micro-batch first), or one per part."""
@@ -326,6 +335,134 @@ class _GroupArrays:
                     else tensor
         assert isinstance(target, list)
         return [stored_tensor(part, storage_dtype) for part in target]
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # None: slots are never reused
+
+
+class _SharedSlots:
+    """A loader worker's shared-memory arrays, reused across groups instead of made anew, and
+    what a group crosses to the trainer as (`encode`; the trainer's side is `_SlotReturns`).
+
+    Fresh shared memory costs a page fault per 4 KiB on first touch, in the worker that fills it
+    and again in the trainer that maps it (≈ 1–1.5 GB/s on the development machine: 0.2 s per
+    250 MB SD1.5 group, more than reading it), and each shared array sent costs a file
+    descriptor's hand-over (a connection and a handshake, ≈ 0.2 ms). So a group's large arrays
+    are read into slots that the trainer maps once, when a slot is new, and afterwards names by
+    number; small arrays travel inline in the message. A slot is taken here (its flag set) and
+    handed back by the trainer once nothing there refers to it any more (its flag cleared, in
+    memory both processes share). A worker never waits for a hand-back: with no free slot of the
+    shape it needs it makes one (in place of a free slot of another shape once `MAX_SLOTS` are
+    held), and with every slot in the trainer's hands a one-off array, sent as torch sends any."""
+
+    MAX_SLOTS = 16  # a group takes at most 4 (latents, targets, text, pooled): 4 groups' worth
+
+    def __init__(self) -> None:
+        self.flags = torch.zeros(self.MAX_SLOTS, dtype=torch.uint8).share_memory_()
+        self.slots: list[tuple[tuple[tuple[int, ...], str], torch.Tensor]] = []
+        self.new: dict[int, torch.Tensor] = {}  # slots the trainer has not mapped yet
+        self.flags_sent = False
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype.str)
+        flags = self.flags.numpy()
+        free = [index for index in range(len(self.slots)) if flags[index] == 0]
+        matching = [index for index in free if self.slots[index][0] == key]
+        if _use_count is not None and matching:
+            index = matching[0]
+        else:
+            like = torch.from_numpy(np.empty(0, dtype=dtype))
+            tensor = like.new(like.untyped_storage()._new_shared(int(np.prod(shape)) * dtype.itemsize)).view(*shape)
+            if _use_count is None:
+                return tensor
+            if len(self.slots) < self.MAX_SLOTS:
+                index = len(self.slots)
+                self.slots.append((key, tensor))
+            elif free:
+                # a free slot of another shape (an epoch's shorter last group, say) makes room
+                index = free[0]
+                self.slots[index] = (key, tensor)
+            else:
+                return tensor  # every slot is still in the trainer's hands: a one-off array
+            self.new[index] = tensor
+        flags[index] = 1
+        return self.slots[index][1]
+
+    def encode(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The message a group crosses to the trainer as: each value in a slot as (slot, dtype,
+        shape, stride, offset), each small one as a numpy array (pickled inline), one-off arrays
+        as they are; the slots the trainer has not mapped, and on the first message the flags."""
+        where = {tensor.untyped_storage().data_ptr(): index for index, (_key, tensor) in enumerate(self.slots)}
+        values: dict[str, Any] = {}
+        for name, value in group.items():
+            slot = where.get(value.untyped_storage().data_ptr()) if value.numel() else None
+            if slot is not None and self.flags[slot]:
+                values[name] = ("slot", slot, value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+            elif value.nbytes < _POOL.min_bytes and value.dtype != torch.bfloat16:
+                values[name] = ("inline", value.numpy())
+            else:
+                values[name] = ("tensor", value)
+        message = {"worker": torch.utils.data.get_worker_info().id, "values": values, "new_slots": self.new}
+        self.new = {}
+        if not self.flags_sent:
+            message["flags"], self.flags_sent = self.flags, True
+        return message
+
+
+_SLOTS: _SharedSlots | None = None
+
+
+def _worker_slots() -> _SharedSlots:
+    global _SLOTS
+    if _SLOTS is None:
+        _SLOTS = _SharedSlots()
+    return _SLOTS
+
+
+class _SlotReturns:
+    """The trainer's side of `_SharedSlots`: each worker's slots, mapped once and kept mapped; a
+    message decoded into the group's tensors; a group's slots handed back to their worker once
+    no tensor refers to them any more (the storage's use count, which views and numpy arrays of
+    it raise too, is back to what holding the storage itself accounts for)."""
+
+    def __init__(self) -> None:
+        self.flags: dict[int, np.ndarray] = {}  # worker: its slots' flags
+        self.mapped: dict[tuple[int, int], Any] = {}  # (worker, slot): its storage
+        self.pending: list[tuple[np.ndarray, list[int], list[Any]]] = []
+        probe = torch.empty(1).untyped_storage()
+        self.free_count = _use_count(probe._cdata) if _use_count is not None else 0
+
+    def decode(self, message: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "values" not in message:
+            return message  # read in this process
+        worker = message["worker"]
+        if "flags" in message:
+            self.flags[worker] = message["flags"].numpy()
+        for slot, tensor in message["new_slots"].items():
+            self.mapped[(worker, slot)] = tensor.untyped_storage()
+        group: dict[str, torch.Tensor] = {}
+        slots, storages = [], []
+        for name, (kind, *value) in message["values"].items():
+            if kind == "slot":
+                slot, dtype, shape, stride, offset = value
+                storage = self.mapped[(worker, slot)]
+                group[name] = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+                slots.append(slot)
+                storages.append(storage)
+            else:
+                group[name] = torch.from_numpy(value[0]) if kind == "inline" else value[0]
+        if slots:
+            self.pending.append((self.flags[worker], slots, storages))
+        return group
+
+    def hand_back(self) -> None:
+        still = []
+        for flags, slots, storages in self.pending:
+            if all(_use_count(storage._cdata) <= self.free_count for storage in storages):
+                flags[slots] = 0
+            else:
+                still.append((flags, slots, storages))
+        self.pending = still
 
 
 def _row_inputs(objective: str) -> str:
@@ -389,8 +526,10 @@ class MicroBatches(torch.utils.data.Dataset):
         one tensor per key crosses from a worker); `micro_batch_loader` hands them out one by one."""
         if self._store is None:
             self._store = CacheStore.open(self.store_path)
+            self.process = self.process or process_from_settings(self._store.settings)  # once, not per group
         picks = [self.schedule.micro_batch(index)[:2] for index in self.groups[item]]
-        return read_micro_batch_group(self._store, picks, self.objective, self.process)
+        group = read_micro_batch_group(self._store, picks, self.objective, self.process)
+        return _worker_slots().encode(group) if torch.utils.data.get_worker_info() is not None else group
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -398,14 +537,21 @@ class MicroBatches(torch.utils.data.Dataset):
         return state
 
 
-def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErrors":
-    """In-order loader of micro-batches, with spawned workers reading read groups ahead."""
+def micro_batch_loader(dataset: MicroBatches, num_workers: int, persistent_workers: bool = False) -> "_OneLineErrors":
+    """In-order loader of micro-batches, with spawned workers reading read groups ahead
+    (`persistent_workers` keeps them between passes; the trainer makes one pass)."""
     extra: dict[str, Any] = {}
     if num_workers > 0:
         # an item is a whole read group (a rank's share of a shuffle window): one ahead per worker
-        extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 1}
-    return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+        extra = {"multiprocessing_context": "spawn", "persistent_workers": persistent_workers, "prefetch_factor": 1}
+    return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_as_is,
                                                       num_workers=num_workers, **extra))
+
+
+def _as_is(item: Any) -> Any:
+    """The DataLoader's collate step, which leaves a worker's message as it is (its default would
+    turn the inline numpy arrays back into tensors, each sent through a shared-memory file)."""
+    return item
 
 
 class _OneLineErrors:
@@ -414,12 +560,21 @@ class _OneLineErrors:
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader
+        self.returns = _SlotReturns()
 
     def __iter__(self) -> Any:
+        if not self.loader.persistent_workers:
+            self.returns = _SlotReturns()  # new workers, new slots
+        returns = self.returns
         try:
-            for group in self.loader:
+            for message in self.loader:
+                group = returns.decode(message)
+                del message
                 for index in range(len(group["rows"])):
+                    returns.hand_back()
                     yield {name: values[index] for name, values in group.items()}
+                del group
+                returns.hand_back()
         except StoreError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise StoreError(lines[-1].split("StoreError: ", 1)[-1] if lines else str(error)) from None

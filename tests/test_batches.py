@@ -260,6 +260,44 @@ def test_spawned_workers_hand_over_the_same_micro_batches_from_shared_memory(tmp
                 assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), (storage_dtype, index, key)
 
 
+@pytest.mark.parametrize("objective", ["inpo", "diffusion-dpo"])
+def test_a_workers_shared_slots_are_reused_once_handed_back_and_never_while_held(tmp_path, objective):
+    """A worker reads each group into shared slots that the trainer hands back once nothing refers
+    to them: streamed through, 13 groups take at most 3 groups' worth of slots (fresh shared memory
+    per group would take 13); held — every micro-batch, or one view of one — the values stay the
+    ones read, however many groups follow."""
+    store = trainable_store(tmp_path / "store")
+    schedule = BatchSchedule(store.valid_rows(), 1, 1, 0, seed=6, prompt_dropout=0.25, block_rows=8,
+                             shuffle_buffer=2)  # groups of 2 micro-batches
+    count = schedule.micro_batches_per_epoch // 2 * 2  # whole groups, of one shape
+    assert count >= 26
+    reference = [read_micro_batch(store, *schedule.micro_batch(index)[:2], objective) for index in range(count)]
+    loader = micro_batch_loader(MicroBatches(str(store.path), schedule, 0, count, objective), 1,
+                                persistent_workers=True)
+
+    def same(batch: dict, index: int) -> None:
+        assert batch.keys() == reference[index].keys()
+        for key, value in reference[index].items():
+            assert torch.equal(batch[key], value), (index, key)
+
+    for index, batch in enumerate(loader):
+        same(batch, index)
+    slots_per_group = 3  # latents, targets, text
+    assert 2 * slots_per_group <= len(loader.returns.mapped) <= 3 * slots_per_group
+
+    kept_view = None
+    for index, batch in enumerate(loader):
+        same(batch, index)
+        if index == 3:
+            kept_view = batch["latents"][1:]  # a view outlives its micro-batch
+    assert torch.equal(kept_view, reference[3]["latents"][1:])
+
+    held = list(loader)
+    assert len(held) == count
+    for index, batch in enumerate(held):
+        same(batch, index)
+
+
 def test_the_prompt_cache_is_not_filled_by_a_call_that_leaves_out_the_pooled_embeddings(tmp_path):
     from tests.test_cache_schema import _complete_store
 
