@@ -97,11 +97,12 @@ def build_memmaps(folder: Path, store: CacheStore) -> dict[str, np.ndarray]:
 
 def time_raw_gets(store: CacheStore) -> float:
     """Rows/s of fetching, as concurrently as s3fs goes, every object of the four latent arrays
-    and the text embeddings of an s3:// store: what the server delivers at all, with no decoding,
-    checking or copying (the floor the s3 rows are also taken against)."""
+    of an s3:// store: what the server delivers at all of what the loader's timed pass asks it
+    for (the text embeddings come from the prompt cache there), with no decoding, checking or
+    copying — the floor the s3 rows are also taken against."""
     fs = store.location.fs
     root = store.location.root
-    keys = [key for key in fs.find(root) if any(f"/{name}/c/" in key for name in (*LATENT_ARRAYS, "embedding"))]
+    keys = [key for key in fs.find(root) if any(f"/{name}/c/" in key for name in LATENT_ARRAYS)]
     started = time.perf_counter()
     fetched = fs.cat(keys)
     elapsed = time.perf_counter() - started
