@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import FLOW_SHAPES, SHAPES, build_shaped_pipeline, dump, machine  # noqa: E402
 from cache_schema import CacheStore  # noqa: E402
-from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
+from inpo_pipeline.worlds.example import write_pickapic_parquet  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
 from stages.train import TrainOptions, run_train  # noqa: E402

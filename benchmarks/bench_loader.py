@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from benchmarks.common import dump, machine  # noqa: E402
 from benchmarks.local_s3 import local_s3  # noqa: E402
 from cache_schema import CacheStore, RowPlan, ShardResult, StoreLayout  # noqa: E402
-from inpo_pipeline.batches import BatchSchedule, MicroBatches, micro_batch_loader  # noqa: E402
+from inpo_pipeline.data.batches import BatchSchedule, MicroBatches, micro_batch_loader  # noqa: E402
 
 LATENTS = {"tiny": ((4, 8, 8), (77, 32)), "sd15": ((4, 64, 64), (77, 768))}
 LATENT_ARRAYS = ("latent_chosen", "latent_rejected", "target_chosen", "target_rejected")

@@ -34,15 +34,15 @@ import torch  # noqa: E402
 
 from benchmarks.common import SHAPES, build_shaped_pipeline, dump, machine  # noqa: E402
 from cache_schema import CacheStore  # noqa: E402
-from inpo_pipeline import ddim  # noqa: E402
-from inpo_pipeline.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader  # noqa: E402
-from inpo_pipeline.data import open_source, prepare_image  # noqa: E402
-from inpo_pipeline.example import write_pickapic_parquet  # noqa: E402
-from inpo_pipeline.loss import inpo_loss  # noqa: E402
-from inpo_pipeline.models import load_reference, unet_noise  # noqa: E402
-from inpo_pipeline.processes import process_from_settings  # noqa: E402
-from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
-from inpo_pipeline.policy import load_policy, policy_errors  # noqa: E402
+from inpo_pipeline.method import ddim  # noqa: E402
+from inpo_pipeline.data.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader  # noqa: E402
+from inpo_pipeline.data.sources import open_source, prepare_image  # noqa: E402
+from inpo_pipeline.worlds.example import write_pickapic_parquet  # noqa: E402
+from inpo_pipeline.method.loss import inpo_loss  # noqa: E402
+from inpo_pipeline.models.reference import load_reference, unet_noise  # noqa: E402
+from inpo_pipeline.method.processes import process_from_settings  # noqa: E402
+from inpo_pipeline.method.objectives import OBJECTIVES  # noqa: E402
+from inpo_pipeline.models.policy import load_policy, policy_errors  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
 

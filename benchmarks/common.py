@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from inpo_pipeline.example import BOS_TOKEN_ID, EOS_TOKEN_ID, build_tiny_sd15, build_tiny_tokenizer
+from inpo_pipeline.worlds.example import BOS_TOKEN_ID, EOS_TOKEN_ID, build_tiny_sd15, build_tiny_tokenizer
 
 SHAPES = {
     "sd15": {
@@ -58,7 +58,7 @@ def build_small_sd3(path: Path, seed: int = 0) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from inpo_pipeline.example import T5_MAX_LENGTH, build_tiny_t5_tokenizer, caption_words
+    from inpo_pipeline.worlds.example import T5_MAX_LENGTH, build_tiny_t5_tokenizer, caption_words
 
     spec = SHAPES["small"]
     torch.manual_seed(seed)
@@ -89,7 +89,7 @@ def build_shaped_pipeline(path: Path, shape: str, seed: int = 0) -> Path:
     if shape == "tiny":
         return build_tiny_sd15(path, seed)
     if shape in ("tiny-sd3", "tiny-flux"):
-        from inpo_pipeline.example import build_tiny_flux, build_tiny_sd3
+        from inpo_pipeline.worlds.example import build_tiny_flux, build_tiny_sd3
 
         return (build_tiny_sd3 if shape == "tiny-sd3" else build_tiny_flux)(path, seed)
     if shape == "small-sd3":

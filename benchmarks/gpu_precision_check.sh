@@ -4,7 +4,7 @@
 set -e
 python3 - <<'PY'
 from pathlib import Path
-from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
+from inpo_pipeline.worlds.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
 build_tiny_sd15(Path('/tmp/m/sd15')); build_tiny_sdxl(Path('/tmp/m/sdxl'))
 write_pickapic_parquet(Path('/tmp/d.parquet'), num_pairs=40, seed=0)
 Path('/tmp/prompts.txt').write_text("a red circle\na cat\n")

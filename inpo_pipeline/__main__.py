@@ -1,3 +1,3 @@
-from inpo_pipeline.cli import main
+from inpo_pipeline.cli.app import main
 
 main()

@@ -3,7 +3,7 @@
     python scripts/build_flow_world.py                 # writes worlds/shapes-flow/ (the committed folder)
     python scripts/build_flow_world.py --out /tmp/fw --steps 300 --eval-seeds 0   # a quick one
 
-Same seed, same thread count, same torch version → the same weights. See inpo_pipeline/world_flow.py.
+Same seed, same thread count, same torch version → the same weights. See inpo_pipeline/worlds/shapes_flow.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inpo_pipeline.reporting import Reporter  # noqa: E402
-from inpo_pipeline.world_flow import DEFAULT_FLOW_WORLD, FlowWorldConfig, build_flow_world  # noqa: E402
+from inpo_pipeline.worlds.shapes_flow import DEFAULT_FLOW_WORLD, FlowWorldConfig, build_flow_world  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python scripts/build_world.py                 # writes worlds/shapes/ (the committed folder)
     python scripts/build_world.py --out /tmp/w --unet-steps 200   # a quick, smaller one
 
-Same seed, same thread count, same torch version → the same weights. See inpo_pipeline/world.py.
+Same seed, same thread count, same torch version → the same weights. See inpo_pipeline/worlds/shapes.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inpo_pipeline.reporting import Reporter  # noqa: E402
-from inpo_pipeline.world import DEFAULT_WORLD, WorldConfig, build_world  # noqa: E402
+from inpo_pipeline.worlds.shapes import DEFAULT_WORLD, WorldConfig, build_world  # noqa: E402
 
 
 def main() -> None:

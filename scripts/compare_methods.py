@@ -12,7 +12,7 @@ docs/proof.md: lr 3e-5, 100 steps × 16 pairs, warm-up 10; β is each objective'
 family unless `--beta OBJECTIVE=VALUE`), then one evaluation of every run on the held-out
 prompts × seeds, scored by the same reward. Δ reward and win rate against the base are pooled
 over the training runs with a cluster bootstrap (runs, and prompts with their seeds, resampled;
-`inpo_pipeline.stats.compare_paired`); `--head-to-head A B` adds A − B on the same
+`inpo_pipeline.evaluation.stats.compare_paired`); `--head-to-head A B` adds A − B on the same
 held-out seeds (seed i of A paired with seed i of B). Writes results.json, results.md and
 results.png under --out; runs and stores that exist are reused.
 """
@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from inpo_pipeline import world  # noqa: E402
-from inpo_pipeline.objectives import OBJECTIVES  # noqa: E402
-from inpo_pipeline.recipes import RECIPES  # noqa: E402
+from inpo_pipeline.worlds import shapes as world  # noqa: E402
+from inpo_pipeline.method.objectives import OBJECTIVES  # noqa: E402
+from inpo_pipeline.method.recipes import RECIPES  # noqa: E402
 from inpo_pipeline.reporting import Reporter  # noqa: E402
-from inpo_pipeline.stats import compare_paired  # noqa: E402
+from inpo_pipeline.evaluation.stats import compare_paired  # noqa: E402
 from stages.demo import ensure_world, evaluate, rescored, run_unet, sample_pool, write_dataset  # noqa: E402
 from stages.invert import InvertOptions, run_invert  # noqa: E402
 from stages.train import TrainOptions, run_train  # noqa: E402

@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cache_schema import CacheStore  # noqa: E402
-from inpo_pipeline import ddim  # noqa: E402
-from inpo_pipeline.batches import denoiser_inputs, read_micro_batch  # noqa: E402
-from inpo_pipeline.models import load_unet, unet_noise  # noqa: E402
+from inpo_pipeline.method import ddim  # noqa: E402
+from inpo_pipeline.data.batches import denoiser_inputs, read_micro_batch  # noqa: E402
+from inpo_pipeline.models.reference import load_unet, unet_noise  # noqa: E402
 
 BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 

@@ -13,7 +13,7 @@ control's expected win rate is exactly 50% whatever the drift. The conventional 
 numbers are reported beside, to show that drift.
 
 Each setting has `--seeds` training seeds (and, for flipped labels, its own flip draw per seed);
-intervals resample training runs and prompts with their seeds (`inpo_pipeline.stats.compare_paired`).
+intervals resample training runs and prompts with their seeds (`inpo_pipeline.evaluation.stats.compare_paired`).
 Sweeps: `flips` (a fraction p of the reward labels flipped), `steps` (inversion steps n), `guidance`
 (inversion guidance w), `reconstruction` (invert base samples with n steps under each timestep
 mode, DDIM back, PSNR; no training), `rounds` (`inpo rounds` on the same data, and on-policy pairs
@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from inpo_pipeline import ddim, world  # noqa: E402
+from inpo_pipeline.method import ddim  # noqa: E402
+from inpo_pipeline.worlds import shapes as world
 from inpo_pipeline.reporting import Reporter  # noqa: E402
-from inpo_pipeline.stats import compare_paired  # noqa: E402
+from inpo_pipeline.evaluation.stats import compare_paired  # noqa: E402
 from stages.demo import PreferencePool, ensure_world, evaluation_set, run_unet, sample_pool  # noqa: E402
 
 KINDS = ("labels", "mirror", "shuffled", "shuffled-mirror")

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline import world
+from inpo_pipeline.worlds import shapes as world
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.recipes import DEFAULT_RECIPE
+from inpo_pipeline.method.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.sampling import files_sha256
-from inpo_pipeline.world import SamplerSettings
+from inpo_pipeline.evaluation.sampling import files_sha256
+from inpo_pipeline.worlds.shapes import SamplerSettings
 
 DATA_SEED_BASE = 1_000_000
 """Seeds of the preference data's samples start here; evaluation seeds are 0, 1, 2, … (disjoint)."""
@@ -46,7 +46,7 @@ class WorldKind:
 
 
 def _flow_kind() -> WorldKind:
-    from inpo_pipeline import world_flow
+    from inpo_pipeline.worlds import shapes_flow as world_flow
 
     return WorldKind("transformer", "SD3Transformer2DModel", 4.0, world_flow.load_flow_pipeline,
                      world_flow.sample_flow, world_flow.build_flow_world)
@@ -62,7 +62,7 @@ WORLD_KINDS: dict[str, Callable[[], WorldKind]] = {
 
 def named_worlds() -> dict[str, Path]:
     """The committed worlds, by the name `inpo demo --world` accepts."""
-    from inpo_pipeline.world_flow import DEFAULT_FLOW_WORLD
+    from inpo_pipeline.worlds.shapes_flow import DEFAULT_FLOW_WORLD
 
     return {"shapes": world.DEFAULT_WORLD, "shapes-flow": DEFAULT_FLOW_WORLD}
 
@@ -443,7 +443,7 @@ def write_grid(path: Path, evaluation: Evaluation, name: str, seeds_shown: int =
 def write_reward_plot(path: Path, evaluation: Evaluation) -> Path:
     """Each sample's reward, aligned (true labels) against base, and every model's mean reward with
     its prompt-clustered 95% interval (`plots.draw_reward_comparison`)."""
-    from inpo_pipeline.plots import draw_reward_comparison
+    from inpo_pipeline.evaluation.plots import draw_reward_comparison
 
     return draw_reward_comparison(path, evaluation.base, evaluation.aligned, evaluation.prompts,
                                   scatter="reward" if "reward" in evaluation.aligned else None)

@@ -1,7 +1,7 @@
 """`inpo eval`: score one or two sample folders and write the report (JSON, markdown, PNG).
 
 Read the folders' manifests and pair their images, then for each scorer score every distinct
-(image, prompt) once, and hand the numbers to `inpo_pipeline.evaluation` for the report.
+(image, prompt) once, and hand the numbers to `inpo_pipeline.evaluation.report` for the report.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 
 import inpo_pipeline
 from cache_schema import now_iso
-from inpo_pipeline import evaluation
+from inpo_pipeline.evaluation import report as evaluation
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.plots import draw_score_distributions
+from inpo_pipeline.evaluation.plots import draw_score_distributions
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.scorers import SCORERS, Scorer, ScorerUnavailable, load_scorer, resolve_spec
+from inpo_pipeline.evaluation.scorers import SCORERS, Scorer, ScorerUnavailable, load_scorer, resolve_spec
 
 
 @dataclass

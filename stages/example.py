@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.example import (
+from inpo_pipeline.worlds.example import (
     build_tiny_flux, build_tiny_sd3, build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet,
 )
 from inpo_pipeline.reporting import Reporter

@@ -3,7 +3,7 @@
 diffusers: the LoRA folder as trained (`load_lora_weights`), or for a full run a pipeline folder
 (`from_pretrained`); kohya / comfyui: a LoRA as one kohya-layout .safetensors file; single-file:
 the whole SD1.x, SD2.x or SDXL model (a LoRA fused in) as one .safetensors in the original checkpoint layout
-(`inpo_pipeline.single_file`; what A1111, ComfyUI's checkpoint loader and `from_single_file` read).
+(`inpo_pipeline.models.single_file`; what A1111, ComfyUI's checkpoint loader and `from_single_file` read).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.exports import KOHYA_FORMATS, kohya_metadata, kohya_state_dict, read_diffusers_lora
+from inpo_pipeline.models.exports import KOHYA_FORMATS, kohya_metadata, kohya_state_dict, read_diffusers_lora
 from inpo_pipeline.families import family_named
-from inpo_pipeline.policy import LORA_FOLDER, export_pipeline
+from inpo_pipeline.models.policy import LORA_FOLDER, export_pipeline
 
 SINGLE_FILE = "single-file"
 EXPORT_FORMATS = ("diffusers", *KOHYA_FORMATS, SINGLE_FILE)
@@ -86,7 +86,7 @@ def _write_single_file(run_dir: Path, out: Path, record: dict[str, Any], setting
 
     from safetensors.torch import save_file
 
-    from inpo_pipeline.single_file import TEXT_LAYOUTS, checkpoint
+    from inpo_pipeline.models.single_file import TEXT_LAYOUTS, checkpoint
 
     family = family_named(settings["family"])
     if family.name not in TEXT_LAYOUTS:

@@ -1,7 +1,7 @@
 """`inpo invert`: read the preference data, invert it with the reference model, fill a store.
 
 Thin on purpose: plan (rank 0), encode prompts, invert windows of shards, report. All math is
-in `inpo_pipeline.inversion`, all layout in `cache_schema`.
+in `inpo_pipeline.method.inversion`, all layout in `cache_schema`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import torch
 
 import inpo_pipeline
 from cache_schema import SCHEMA_VERSION, CacheStore, RowPlan, StoreError, StoreLayout, now_iso
-from inpo_pipeline import ddim
-from inpo_pipeline.data import DataError, describe_source, open_source
+from inpo_pipeline.method import ddim
+from inpo_pipeline.data.sources import DataError, describe_source, open_source
 from inpo_pipeline.distributed import worker_share
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
+from inpo_pipeline.method.inversion import VAE_LATENT_MODES, InversionConfig, WorkCounter, invert_shard, latent_shape
 from inpo_pipeline.families import ModelError, detect_family
-from inpo_pipeline.flow import FLOW_TIMESTEP_MODES, SIGMA_SAMPLINGS
-from inpo_pipeline.models import TIME_ID_MODES, ReferenceModel, load_reference
-from inpo_pipeline.objectives import STORE_OBJECTIVE_SETS, stores_forward_inputs
-from inpo_pipeline.plan import build_plan
-from inpo_pipeline.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
+from inpo_pipeline.method.flow import FLOW_TIMESTEP_MODES, SIGMA_SAMPLINGS
+from inpo_pipeline.models.reference import TIME_ID_MODES, ReferenceModel, load_reference
+from inpo_pipeline.method.objectives import STORE_OBJECTIVE_SETS, stores_forward_inputs
+from inpo_pipeline.method.plan import build_plan
+from inpo_pipeline.method.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
 from inpo_pipeline.reporting import Reporter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,7 +39,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 class InvertOptions:
     """The options of `inpo invert` (see the CLI for their help).
 
-    The inversion settings left at None take the value of `recipe` (see inpo_pipeline.recipes).
+    The inversion settings left at None take the value of `recipe` (see inpo_pipeline.method.recipes).
     """
 
     model: str

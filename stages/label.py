@@ -1,7 +1,7 @@
 """`inpo label`: a sample folder's image pairs as a preference dataset labelled by a scorer.
 
 Read the folder (`inpo sample --seeds K`, K ≥ 2), pair each prompt's images by seed
-(`inpo_pipeline.labels.pair_by_seed`), score both images of every pair with one scorer of
+(`inpo_pipeline.data.labels.pair_by_seed`), score both images of every pair with one scorer of
 `inpo eval` (or the shapes world's reward), label by `preference_label`, and write a Pick-a-Pic v2
 parquet that `inpo invert --data` reads as it reads the human data. The scorer's identity, the tie
 margin and the source folder's model and protocol go into the parquet's schema metadata
@@ -24,12 +24,12 @@ import torch
 
 import inpo_pipeline
 from cache_schema import now_iso
-from inpo_pipeline import evaluation
+from inpo_pipeline.evaluation import report as evaluation
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.example import PICKAPIC_SCHEMA
-from inpo_pipeline.labels import LABEL_METADATA_KEY, SamplePair, pair_by_seed, preference_label
+from inpo_pipeline.worlds.example import PICKAPIC_SCHEMA
+from inpo_pipeline.data.labels import LABEL_METADATA_KEY, SamplePair, pair_by_seed, preference_label
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.scorers import SCORERS, load_scorer, resolve_spec
+from inpo_pipeline.evaluation.scorers import SCORERS, load_scorer, resolve_spec
 
 PAIRING_RULE = "within each prompt, images paired by consecutive seeds (0,1), (2,3), …; an odd last seed is left out"
 LABEL_RULE = "the higher score wins; |score_0 − score_1| ≤ tie_margin is a tie (label 0.5/0.5)"

@@ -224,7 +224,7 @@ def _run_status(run: Path) -> str | None:
 
 
 def _run_round(options: RoundsOptions, chain: dict[str, Any], number: int, reporter: Reporter) -> dict[str, Any]:
-    from inpo_pipeline.policy import export_pipeline
+    from inpo_pipeline.models.policy import export_pipeline
     from stages.invert import InvertOptions, run_invert
     from stages.train import TrainOptions, run_train
 

@@ -2,7 +2,7 @@
 
 Read the prompts, load the pipeline (UNet swap / LoRA), then generate every (prompt, seed)
 image not yet in OUT, in batches, each image from its own seeded noise (see
-`inpo_pipeline.sampling`). Images are written atomically, then recorded in the manifest.
+`inpo_pipeline.evaluation.sampling`). Images are written atomically, then recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 import inpo_pipeline
-from inpo_pipeline import sampling
+from inpo_pipeline.evaluation import sampling
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named
-from inpo_pipeline.prompts import Prompt, read_prompts
+from inpo_pipeline.data.prompts import Prompt, read_prompts
 from inpo_pipeline.reporting import Reporter
 
 

@@ -20,24 +20,24 @@ import torch
 
 import inpo_pipeline
 from cache_schema import CacheStore, now_iso
-from inpo_pipeline.batches import (
+from inpo_pipeline.data.batches import (
     DATA_ORDERS,
     DEFAULT_SHUFFLE_BUFFER,
     BatchSchedule,
     MicroBatches,
     micro_batch_loader,
 )
-from inpo_pipeline.checkpoints import load_training_state, save_training_state
+from inpo_pipeline.models.checkpoints import load_training_state, save_training_state
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named
-from inpo_pipeline.processes import process_from_settings
-from inpo_pipeline.objectives import (
+from inpo_pipeline.method.processes import process_from_settings
+from inpo_pipeline.method.objectives import (
     DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES, beta_convention, check_served, default_beta, get_objective,
 )
-from inpo_pipeline.policy import (
+from inpo_pipeline.models.policy import (
     export_pipeline, load_policy, policy_errors, save_policy, trainable_parameters, winner_preserving_policy_errors,
 )
-from inpo_pipeline.recipes import store_warnings, train_prompt_dropout_default
+from inpo_pipeline.method.recipes import store_warnings, train_prompt_dropout_default
 from inpo_pipeline.reporting import Reporter
 
 CHECKPOINTS = "checkpoints"
@@ -87,7 +87,7 @@ class TrainOptions:
     data_order: str = "blocks"  # "blocks": stored blocks shuffled in a buffer; "rows": a full permutation
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows mixed together over all processes (blocks order)
     report_to: str = "none"  # accelerate trackers: none, tensorboard, wandb or all
-    validation_prompts: str | None = None  # a prompt set sampled with the policy (inpo_pipeline.validation)
+    validation_prompts: str | None = None  # a prompt set sampled with the policy (inpo_pipeline.evaluation.validation)
     validation_every: int | None = None  # None: checkpoint_every
     validation_seeds: int = 2
     validation_steps: int = 20
@@ -130,7 +130,7 @@ class TrainOptions:
             if not ok:
                 raise UserError(message)
         if self.validation_prompts is not None:
-            from inpo_pipeline.prompts import read_prompts
+            from inpo_pipeline.data.prompts import read_prompts
 
             # before any run folder exists: a glob, a folder or a file, refused with read_prompts' own message
             try:
@@ -328,7 +328,7 @@ def run_train(options: TrainOptions, reporter: Reporter | None = None) -> dict[s
 
     validator = None
     if options.validation_prompts and accelerator.is_main_process:
-        from inpo_pipeline.validation import Validator
+        from inpo_pipeline.evaluation.validation import Validator
 
         validator = Validator(settings, options.validation_prompts, options.validation_seeds, options.validation_steps)
     remaining = options.steps - start_step

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore, RowPlan
-from inpo_pipeline import ddim
-from inpo_pipeline.data import reopen_source
+from inpo_pipeline.method import ddim
+from inpo_pipeline.data.sources import reopen_source
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.inversion import InversionConfig, invert_shard
-from inpo_pipeline.models import load_reference
+from inpo_pipeline.method.inversion import InversionConfig, invert_shard
+from inpo_pipeline.models.reference import load_reference
 from inpo_pipeline.reporting import Reporter
 from stages.invert import COMPUTE_DTYPES
 

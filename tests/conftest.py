@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inpo_pipeline.example import (
+from inpo_pipeline.worlds.example import (
     build_tiny_flux, build_tiny_sd3, build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet,
 )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from inpo_pipeline.models import load_unet
+from inpo_pipeline.models.reference import load_unet
 
 
 def perturbed_unet(model: Path, out: Path, seed: int, scale: float = 0.02) -> torch.nn.Module:

@@ -1,9 +1,9 @@
 """`--recipe authors` against an independent implementation of the released training loop.
 
 `released_loop` below is written from DESIGN §1.5 alone (the authors' `train.py` at a9cfc4d with
-diffusers 0.20's `DDIMInverseScheduler`): nothing from `inpo_pipeline.ddim` or
-`inpo_pipeline.inversion`; ā comes from diffusers' own `DDIMScheduler`. Both sides draw the same
-seeded z (the project's seed functions in `inpo_pipeline.plan` are the convention being shared),
+diffusers 0.20's `DDIMInverseScheduler`): nothing from `inpo_pipeline.method.ddim` or
+`inpo_pipeline.method.inversion`; ā comes from diffusers' own `DDIMScheduler`. Both sides draw the same
+seeded z (the project's seed functions in `inpo_pipeline.method.plan` are the convention being shared),
 so with η = 0.1 the comparison is still exact. The tiny models get a VAE scaling factor that puts
 their latents at rms ≈ 1, the scale of SD's real latents, so that τ's sensitivity to the walk
 is realistic.
@@ -21,10 +21,10 @@ import torch
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore, RowPlan
-from inpo_pipeline.cli import app
-from inpo_pipeline.data import open_source, prepare_image
-from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
-from inpo_pipeline.plan import latent_sample_seed, noise_seed
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.data.sources import open_source, prepare_image
+from inpo_pipeline.worlds.example import build_tiny_sd15, build_tiny_sdxl, write_pickapic_parquet
+from inpo_pipeline.method.plan import latent_sample_seed, noise_seed
 
 runner = CliRunner()
 RESOLUTION = 32
@@ -183,8 +183,8 @@ def test_authors_mode_matches_the_released_loop(family, eta, batch_size, toleran
     ≤ 2e-6 and τ by ≤ 1e-5 relative (τ is small at low t, where x_t − √ā·x0 cancels).
     """
     from cache_schema import round_to_storage
-    from inpo_pipeline.inversion import InversionConfig, invert_shard
-    from inpo_pipeline.models import load_reference
+    from inpo_pipeline.method.inversion import InversionConfig, invert_shard
+    from inpo_pipeline.models.reference import load_reference
 
     model = real_scale_models[family]
     reference = load_reference(str(model))

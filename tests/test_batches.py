@@ -1,4 +1,4 @@
-"""Stage two's data order and reads: inpo_pipeline/batches.py on stores of both chunk layouts."""
+"""Stage two's data order and reads: inpo_pipeline/data/batches.py on stores of both chunk layouts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from cache_schema import CacheStore, StoreError, StoreLayout
-from inpo_pipeline.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader, read_micro_batch
+from inpo_pipeline.data.batches import BatchSchedule, MicroBatches, denoiser_inputs, micro_batch_loader, read_micro_batch
 from tests.test_cache_schema import PROMPTS, PROVENANCE, SETTINGS, fill_prompts, make_layout, make_plan, make_result
 
 # usable rows with gaps, as a store with undecodable pairs has them
@@ -330,7 +330,7 @@ def test_an_index_outside_an_array_fails_in_one_line_instead_of_reading_zeros(tm
 
 
 def test_the_array_pool_hands_an_array_out_again_only_once_nothing_holds_it():
-    from inpo_pipeline.batches import _ArrayPool
+    from inpo_pipeline.data.batches import _ArrayPool
 
     pool = _ArrayPool(limit_bytes=2**20, min_bytes=0)
     kind = np.dtype(np.float16)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 from tests.conftest import cli_env
 
 
@@ -91,7 +91,7 @@ def test_the_demo_table_fits_80_columns_one_line_per_model():
     import numpy as np
     from rich.console import Console
 
-    from inpo_pipeline import world
+    from inpo_pipeline.worlds import shapes as world
     from inpo_pipeline.reporting import Reporter
     from stages.demo import print_comparisons
 

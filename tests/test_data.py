@@ -1,4 +1,4 @@
-"""Tests of ``inpo_pipeline.data``: choosing a source, scanning and reading pairs, preparing images."""
+"""Tests of ``inpo_pipeline.data.sources``: choosing a source, scanning and reading pairs, preparing images."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from inpo_pipeline.data import (
+from inpo_pipeline.data.sources import (
     DataError,
     HubSource,
     ManifestSource,
@@ -26,7 +26,7 @@ from inpo_pipeline.data import (
     prepare_image,
     reopen_source,
 )
-from inpo_pipeline.example import CAPTIONS, write_manifest, write_pickapic_folder, write_pickapic_parquet
+from inpo_pipeline.worlds.example import CAPTIONS, write_manifest, write_pickapic_folder, write_pickapic_parquet
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -288,7 +288,7 @@ _MEMORY_PROBE = """
 import json, sys, tracemalloc
 from pathlib import Path
 import pyarrow as pa
-from inpo_pipeline.data import ParquetSource
+from inpo_pipeline.data.sources import ParquetSource
 
 def bytes_read():
     try:
@@ -649,7 +649,7 @@ def test_invert_reads_a_mapped_dataset_and_verify_recomputes_from_it(tiny_sd15, 
     from typer.testing import CliRunner
 
     from cache_schema import CacheStore
-    from inpo_pipeline.cli import app
+    from inpo_pipeline.cli.app import app
 
     path = _renamed(pickapic["path"], tmp_path / "mapped.parquet", chosen_layout=True)
     out = tmp_path / "mapped.zarr"
@@ -664,7 +664,7 @@ def test_invert_reads_a_mapped_dataset_and_verify_recomputes_from_it(tiny_sd15, 
 
 @pytest.mark.parametrize("layout", ["array", "jsonl"])
 def test_hpdv3_layout_path1_is_preferred_and_arrays_stream(tmp_path, monkeypatch, layout):
-    import inpo_pipeline.data as data_module
+    import inpo_pipeline.data.sources as data_module
 
     images = tmp_path / "images"
     images.mkdir()
@@ -704,7 +704,7 @@ def test_a_truncated_or_invalid_json_array_is_one_line(tmp_path):
 def test_json_array_elements_at_every_block_size(block):
     import io
 
-    from inpo_pipeline.data import _json_array_items
+    from inpo_pipeline.data.sources import _json_array_items
 
     def items(text: str) -> list:
         handle = io.StringIO(text)
@@ -728,7 +728,7 @@ def test_json_array_elements_at_every_block_size(block):
 def test_an_overlong_json_array_element_is_refused_without_reading_on():
     import io
 
-    from inpo_pipeline.data import _json_array_items
+    from inpo_pipeline.data.sources import _json_array_items
 
     handle = io.StringIO('["' + "x" * 1000)
     handle.read(1)

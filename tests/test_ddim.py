@@ -1,4 +1,4 @@
-"""Numerical tests of the pure DDIM-InPO math in ``inpo_pipeline.ddim`` (DESIGN §1)."""
+"""Numerical tests of the pure DDIM-InPO math in ``inpo_pipeline.method.ddim`` (DESIGN §1)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from inpo_pipeline import ddim
-from inpo_pipeline.ddim import (
+from inpo_pipeline.method import ddim
+from inpo_pipeline.method.ddim import (
     CLEAN,
     alpha_bar_at,
     exact_trajectory,

@@ -10,7 +10,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from inpo_pipeline.plots import COLOURS, PANEL, value_range
+from inpo_pipeline.evaluation.plots import COLOURS, PANEL, value_range
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.sampling import MANIFEST, read_manifest
-from inpo_pipeline.stats import compare_scores
+from inpo_pipeline.evaluation.sampling import MANIFEST, read_manifest
+from inpo_pipeline.evaluation.stats import compare_scores
 from stages.evaluate import assign_to_scorers, report_paths
 from stages.sample import SampleOptions, run_sample
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 from tests.sampling_helpers import perturbed_unet
 from tests.tiny_scorers import scorer_files  # noqa: F401  (a fixture)
 from tests.tiny_scorers import direct_aesthetic, direct_embeddings, direct_hps

@@ -1,4 +1,4 @@
-"""Tests of ``inpo_pipeline.example``: the tiny tokenizer, tiny pipelines and toy datasets."""
+"""Tests of ``inpo_pipeline.worlds.example``: the tiny tokenizer, tiny pipelines and toy datasets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from transformers import CLIPTokenizer, CLIPTokenizerFast
 
-from inpo_pipeline.example import (
+from inpo_pipeline.worlds.example import (
     BOS_TOKEN_ID,
     CAPTIONS,
     EOS_TOKEN_ID,

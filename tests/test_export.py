@@ -1,4 +1,4 @@
-"""`inpo export` (stages/export.py, inpo_pipeline/exports.py): each format loaded back and compared."""
+"""`inpo export` (stages/export.py, inpo_pipeline/models/exports.py): each format loaded back and compared."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 from tests.test_train import FAST, make_store
 
 runner = CliRunner()
@@ -135,7 +135,7 @@ def single_file_runs(tmp_path_factory, runs, pickapic) -> dict[str, Path]:
     """Runs of the layouts beyond SD1.5's: an SD2-type model (OpenCLIP text encoder) and an SDXL
     whose second encoder is wider than its first, as SDXL's bigG is (a loader tells them apart by
     width), each trained full and with a LoRA."""
-    from inpo_pipeline.example import build_tiny_sd15, build_tiny_sdxl
+    from inpo_pipeline.worlds.example import build_tiny_sd15, build_tiny_sdxl
 
     folder = tmp_path_factory.mktemp("single-file")
     made = {"sd15-model": runs["sd15-model"], "sd15-full": runs["sd15-full"], "sd15-lora": runs["sd15-lora"]}

@@ -17,14 +17,14 @@ import torch
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline import flow
-from inpo_pipeline.cli import app
-from inpo_pipeline.example import build_tiny_sd3
+from inpo_pipeline.method import flow
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.worlds.example import build_tiny_sd3
 from inpo_pipeline.families import ModelError, detect_family
-from inpo_pipeline.models import load_reference, load_unet
-from inpo_pipeline.objectives import OBJECTIVES, default_beta
-from inpo_pipeline.policy import preference_metrics
-from inpo_pipeline.processes import process_from_settings
+from inpo_pipeline.models.reference import load_reference, load_unet
+from inpo_pipeline.method.objectives import OBJECTIVES, default_beta
+from inpo_pipeline.models.policy import preference_metrics
+from inpo_pipeline.method.processes import process_from_settings
 
 runner = CliRunner()
 INVERT = ["--resolution", "32", "--rows-per-shard", "8", "--shards-per-window", "2", "--batch-size", "16",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from inpo_pipeline import flow
-from inpo_pipeline.models import load_reference
-from inpo_pipeline.processes import FlowProcess, ProcessError
+from inpo_pipeline.method import flow
+from inpo_pipeline.models.reference import load_reference
+from inpo_pipeline.method.processes import FlowProcess, ProcessError
 
 SD3_SCHEDULER = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
 FLUX_SCHEDULER = dict(FlowMatchEulerDiscreteScheduler(

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cache_schema import RowPlan, round_to_storage
-from inpo_pipeline import ddim
-from inpo_pipeline.data import PairRecord
-from inpo_pipeline.example import write_pickapic_parquet
-from inpo_pipeline.data import open_source
-from inpo_pipeline.inversion import InversionConfig, invert_shard
-from inpo_pipeline.models import SDXL, load_reference, unet_noise
+from inpo_pipeline.method import ddim
+from inpo_pipeline.data.sources import PairRecord
+from inpo_pipeline.worlds.example import write_pickapic_parquet
+from inpo_pipeline.data.sources import open_source
+from inpo_pipeline.method.inversion import InversionConfig, invert_shard
+from inpo_pipeline.models.reference import SDXL, load_reference, unet_noise
 
 RESOLUTION = 32
 
@@ -124,7 +124,7 @@ def test_target_is_consistent_with_latent(tiny_sd15, clean_pairs):
     plan, records, lookup = _shard_inputs(reference, clean_pairs, None)
     config = InversionConfig(resolution=RESOLUTION, storage_dtype="float32", batch_size=4)
     result, _ = invert_shard(reference, plan, records, lookup, config, torch.device("cpu"))
-    from inpo_pipeline.data import prepare_image
+    from inpo_pipeline.data.sources import prepare_image
 
     pixels = torch.from_numpy(np.stack([prepare_image(records[int(s)].chosen, RESOLUTION).pixels for s in plan.source_row]))
     x0 = reference.encode_images(pixels)

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline.cli import app
-from inpo_pipeline.example import build_tiny_sd15, write_manifest
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.worlds.example import build_tiny_sd15, write_manifest
 
 runner = CliRunner()
 SMALL = ["--resolution", "32", "--rows-per-shard", "4", "--shards-per-window", "2", "--batch-size", "6"]
@@ -118,7 +118,7 @@ def test_sdxl_store_keeps_size_conditioning(tiny_sdxl, pickapic, tmp_path):
     assert store.layout.pooled_dim == 32 and store.layout.text_shape == (77, 64)
     rows = store.read_rows(store.valid_rows())
     source = pq.read_table(pickapic["path"]).to_pylist()
-    from inpo_pipeline.data import prepare_image
+    from inpo_pipeline.data.sources import prepare_image
 
     plan = store.read_plan(store.valid_rows())
     for index, source_row in enumerate(plan.source_row):

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from inpo_pipeline import world
-from inpo_pipeline.cli import app
-from inpo_pipeline.data import open_source
+from inpo_pipeline.worlds import shapes as world
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.data.sources import open_source
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.labels import pair_by_seed, preference_label
+from inpo_pipeline.data.labels import pair_by_seed, preference_label
 from stages.label import LabelOptions, read_label_metadata, run_label
 from stages.sample import SampleOptions, run_sample
 
@@ -171,7 +171,7 @@ def test_negated_and_random_shapes_scorers_give_mirror_and_coin_labels(samples, 
 
 
 def test_a_read_error_is_reported_as_a_read_error(samples, tmp_path, monkeypatch):
-    from inpo_pipeline import evaluation
+    from inpo_pipeline.evaluation import report as evaluation
 
     def unreadable(path):
         raise PermissionError(13, "Permission denied", str(path))

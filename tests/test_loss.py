@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from inpo_pipeline.loss import inpo_loss
+from inpo_pipeline.method.loss import inpo_loss
 
 
 def hand_loss(policy_w: float, policy_l: float, reference_w: float, reference_l: float, beta: float) -> float:
@@ -63,7 +63,7 @@ def test_half_precision_errors_are_combined_in_float32():
 
 # ---------------------------------------------------------------- winner-preserving safeguard
 def test_winner_preserving_scale_matches_the_closed_form():
-    from inpo_pipeline.loss import winner_preserving_scale
+    from inpo_pipeline.method.loss import winner_preserving_scale
 
     chosen = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
     aligned = torch.tensor([[3.0, 5.0], [1.0, -2.0]])  # ⟨l, w⟩ = 3 + 10 + 0.5 + 2 = 15.5, ‖w‖² = 6.25
@@ -81,7 +81,7 @@ def test_winner_preserving_scale_matches_the_closed_form():
 def test_winner_preserving_step_does_not_raise_the_winners_error_to_first_order():
     """A step −(∇A − λ∇B) changes A by −(‖∇A‖² − λ⟨∇A, ∇B⟩) ≤ −μ‖∇A‖² (Fu et al. 2025), with the
     output-space gradients ∇ = 2·residual/numel standing in for the parameter gradients."""
-    from inpo_pipeline.loss import winner_preserving_scale
+    from inpo_pipeline.method.loss import winner_preserving_scale
 
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):
@@ -95,7 +95,7 @@ def test_winner_preserving_step_does_not_raise_the_winners_error_to_first_order(
 
 
 def test_scale_gradient_keeps_the_value_and_scales_the_gradient():
-    from inpo_pipeline.loss import scale_gradient
+    from inpo_pipeline.method.loss import scale_gradient
 
     x = torch.tensor([2.0, 3.0], requires_grad=True)
     y = scale_gradient(x ** 2, torch.tensor(0.25))

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from cache_schema import CacheStore, StoreError
 from cache_schema.locations import locate
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 from tests.conftest import S3_SECRET, cli_env
 from tests.test_processes import assert_same_store, invert_command
 

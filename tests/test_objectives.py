@@ -14,14 +14,14 @@ import torch
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline.batches import BatchSchedule, read_micro_batch
-from inpo_pipeline.cli import app
-from inpo_pipeline.data import open_source
-from inpo_pipeline.loss import diffusion_dpo_loss
-from inpo_pipeline.models import load_unet
-from inpo_pipeline.objectives import OBJECTIVES
-from inpo_pipeline.plan import forward_noise_seed
-from inpo_pipeline.policy import policy_errors, preference_metrics
+from inpo_pipeline.data.batches import BatchSchedule, read_micro_batch
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.data.sources import open_source
+from inpo_pipeline.method.loss import diffusion_dpo_loss
+from inpo_pipeline.models.reference import load_unet
+from inpo_pipeline.method.objectives import OBJECTIVES
+from inpo_pipeline.method.plan import forward_noise_seed
+from inpo_pipeline.models.policy import policy_errors, preference_metrics
 from tests.test_authors_recipe import Released
 
 runner = CliRunner()

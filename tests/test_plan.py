@@ -1,4 +1,4 @@
-"""Tests of ``inpo_pipeline.plan``: filtering, prompt table, timesteps, seeds and the row order."""
+"""Tests of ``inpo_pipeline.method.plan``: filtering, prompt table, timesteps, seeds and the row order."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from inpo_pipeline.data import ParquetSource, ScannedRow
-from inpo_pipeline.plan import (
+from inpo_pipeline.data.sources import ParquetSource, ScannedRow
+from inpo_pipeline.method.plan import (
     build_plan,
     latent_sample_seed,
     noise_seed,

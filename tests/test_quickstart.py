@@ -8,7 +8,7 @@ import math
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 
 
 def test_example_inverts_and_trains(tmp_path):

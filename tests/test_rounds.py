@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline import world
-from inpo_pipeline.cli import app
+from inpo_pipeline.worlds import shapes as world
+from inpo_pipeline.cli.app import app
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.models import fingerprint_module, load_unet
-from inpo_pipeline.policy import preference_metrics
+from inpo_pipeline.models.reference import fingerprint_module, load_unet
+from inpo_pipeline.models.policy import preference_metrics
 from stages.rounds import RoundsOptions, parse_stage_options, run_rounds
 from tests.conftest import cli_env
 

@@ -15,13 +15,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.example import CAPTIONS
-from inpo_pipeline.models import fingerprint_module, load_unet
-from inpo_pipeline.prompts import read_prompts
+from inpo_pipeline.worlds.example import CAPTIONS
+from inpo_pipeline.models.reference import fingerprint_module, load_unet
+from inpo_pipeline.data.prompts import read_prompts
 from inpo_pipeline.reporting import Reporter
-from inpo_pipeline.sampling import MANIFEST, image_name, initial_latents, make_scheduler, read_manifest
+from inpo_pipeline.evaluation.sampling import MANIFEST, image_name, initial_latents, make_scheduler, read_manifest
 from stages.sample import SampleOptions, run_sample
-from inpo_pipeline.cli import app
+from inpo_pipeline.cli.app import app
 from tests.sampling_helpers import perturbed_unet
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_unet_swap_and_lora(base_run, tiny_sd15, prompt_file, tmp_path):
     from peft import LoraConfig
 
     from inpo_pipeline.families import FAMILIES
-    from inpo_pipeline.policy import save_policy
+    from inpo_pipeline.models.policy import save_policy
 
     unet = perturbed_unet(tiny_sd15, tmp_path / "run" / "unet", seed=1)
     generator = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.scorers import (
+from inpo_pipeline.evaluation.scorers import (
     ScorerUnavailable,
     clip_pair_scores,
     load_hps_model,

@@ -1,4 +1,4 @@
-"""`inpo_pipeline.stats`: paired comparisons with cluster-bootstrap intervals and sign-flip p-values."""
+"""`inpo_pipeline.evaluation.stats`: paired comparisons with cluster-bootstrap intervals and sign-flip p-values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from inpo_pipeline.stats import (Z_95, compare_paired, compare_scores, grouped_comparisons, outcomes, summary_stats,
+from inpo_pipeline.evaluation.stats import (Z_95, compare_paired, compare_scores, grouped_comparisons, outcomes, summary_stats,
                                 wilson_interval)
 
 SIX_PROMPTS = [p for p in range(6) for _ in range(40)]

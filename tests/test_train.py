@@ -18,11 +18,11 @@ import torch
 from typer.testing import CliRunner
 
 from cache_schema import CacheStore
-from inpo_pipeline.batches import BatchSchedule
-from inpo_pipeline.cli import app
-from inpo_pipeline.example import build_tiny_sd15
-from inpo_pipeline.models import load_unet
-from inpo_pipeline.policy import preference_metrics
+from inpo_pipeline.data.batches import BatchSchedule
+from inpo_pipeline.cli.app import app
+from inpo_pipeline.worlds.example import build_tiny_sd15
+from inpo_pipeline.models.reference import load_unet
+from inpo_pipeline.models.policy import preference_metrics
 from tests.conftest import accelerate_launch, cli_env
 
 runner = CliRunner()
@@ -171,7 +171,7 @@ def test_refuses_incomplete_store_other_weights_and_bad_options(sd15_store, tmp_
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd15_store, tmp_path, monkeypatch):
     import dataclasses
 
-    from inpo_pipeline.objectives import OBJECTIVES
+    from inpo_pipeline.method.objectives import OBJECTIVES
 
     real = OBJECTIVES["inpo"].loss
     calls = {"n": 0}

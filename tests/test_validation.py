@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.validation import Validator, grid
+from inpo_pipeline.evaluation.validation import Validator, grid
 
 
 def test_images_restore_the_rng_and_the_training_mode(tiny_sd15, tmp_path):

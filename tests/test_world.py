@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from inpo_pipeline import world
-from inpo_pipeline.data import open_source, prepare_image
+from inpo_pipeline.worlds import shapes as world
+from inpo_pipeline.data.sources import open_source, prepare_image
 
 
 # ------------------------------------------------------------------------------ reward
@@ -129,7 +129,7 @@ def world_pipeline():
 def test_committed_world_loads_as_an_sd15_ddim_pipeline(world_pipeline) -> None:
     from diffusers import DDIMScheduler
 
-    from inpo_pipeline.models import SD15, detect_family
+    from inpo_pipeline.models.reference import SD15, detect_family
 
     assert detect_family(str(world.DEFAULT_WORLD)) == SD15
     assert isinstance(world_pipeline.scheduler, DDIMScheduler)

@@ -1,4 +1,4 @@
-"""The flow shapes world (inpo_pipeline/world_flow.py): the committed SD3-type folder loads, samples
+"""The flow shapes world (inpo_pipeline/worlds/shapes_flow.py): the committed SD3-type folder loads, samples
 deterministically, follows colour prompts; the build is deterministic."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from inpo_pipeline import world
-from inpo_pipeline import world_flow as wf
+from inpo_pipeline.worlds import shapes as world
+from inpo_pipeline.worlds import shapes_flow as wf
 
 
 @pytest.fixture(scope="module")

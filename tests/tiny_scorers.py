@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from inpo_pipeline.example import BOS_TOKEN_ID, EOS_TOKEN_ID, TEXT_VOCAB_SIZE, build_tiny_tokenizer
-from inpo_pipeline.scorers import AestheticHead
+from inpo_pipeline.worlds.example import BOS_TOKEN_ID, EOS_TOKEN_ID, TEXT_VOCAB_SIZE, build_tiny_tokenizer
+from inpo_pipeline.evaluation.scorers import AestheticHead
 
 WIDTH, HEADS, LAYERS, PATCH, IMAGE, CONTEXT, PROJECTION = 32, 4, 2, 8, 32, 77, 16
 

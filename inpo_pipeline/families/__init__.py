@@ -1,7 +1,7 @@
 """Model families: the one place that knows how a pipeline's parts are loaded and called.
 
 Adding a family is one module here plus one line in FAMILIES; the stage runners only use the
-`Family` interface (base.py) and the family's noise process (inpo_pipeline.processes).
+`Family` interface (base.py) and the family's noise process (inpo_pipeline.method.processes).
 """
 
 from __future__ import annotations

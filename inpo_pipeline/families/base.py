@@ -3,7 +3,7 @@
 A family is one small module (``stable_diffusion.py``, ``sd3.py``, ``flux.py``) registered in
 ``families/__init__.py``. Everything that differs between families lives behind this interface,
 so the stage runners never branch on a family's name: they call ``family.denoise`` and the
-family's noise process (``inpo_pipeline.processes``) and get the same kind of answer from all.
+family's noise process (``inpo_pipeline.method.processes``) and get the same kind of answer from all.
 """
 
 from __future__ import annotations

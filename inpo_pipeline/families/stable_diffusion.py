@@ -1,7 +1,7 @@
 """Stable Diffusion 1.x/2.x (one CLIP encoder) and SDXL (two, pooled embedding, size time ids).
 
 Both are UNet families on the DDPM schedule; whether the UNet predicts ε or v is the
-scheduler's ``prediction_type`` and is handled by the process (``inpo_pipeline.processes``),
+scheduler's ``prediction_type`` and is handled by the process (``inpo_pipeline.method.processes``),
 not here.
 """
 

@@ -80,7 +80,7 @@ def draw_reward_comparison(path: Path | str, base: np.ndarray, aligned: Mapping[
                            prompts: Sequence[Hashable], scatter: str | None = None) -> Path:
     """Left: each sample's reward under the `scatter` model (default: the first) against the base's,
     with the diagonal. Right: each model's mean reward with its 95% interval clustered by prompt."""
-    from inpo_pipeline.stats import clustered_mean
+    from inpo_pipeline.evaluation.stats import clustered_mean
 
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))

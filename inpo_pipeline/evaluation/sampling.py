@@ -23,7 +23,7 @@ import torch
 
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import FAMILIES, Family, ModelError, detect_family
-from inpo_pipeline.models import fingerprint_module, load_unet
+from inpo_pipeline.models.reference import fingerprint_module, load_unet
 
 MANIFEST = "manifest.jsonl"
 SCHEDULERS: dict[str, str] = {name: scheduler for family in FAMILIES.values()

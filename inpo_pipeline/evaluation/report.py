@@ -17,8 +17,8 @@ from typing import Any
 from PIL import Image
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.sampling import MANIFEST, describe_model, read_manifest
-from inpo_pipeline.stats import INTERVAL_RULE, TEST_RULE, PairedComparison, compare_scores, grouped_comparisons, summary_stats
+from inpo_pipeline.evaluation.sampling import MANIFEST, describe_model, read_manifest
+from inpo_pipeline.evaluation.stats import INTERVAL_RULE, TEST_RULE, PairedComparison, compare_scores, grouped_comparisons, summary_stats
 
 GROUP_KEYS = ("category", "style")
 TIE_RULE = ("B wins a pair when its score is higher; equal scores (identical images score identically) "

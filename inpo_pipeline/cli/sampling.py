@@ -11,7 +11,7 @@ from inpo_pipeline.reporting import Reporter
 
 def register(app: typer.Typer) -> None:
     """Add the `sample`, `eval` and `label` commands to `app`."""
-    from inpo_pipeline.cli import _user_errors
+    from inpo_pipeline.cli.app import _user_errors
 
     @app.command()
     @_user_errors
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")] = None,
     ) -> None:
         """Generate images for a prompt set under one pinned protocol (resumable)."""
-        from inpo_pipeline.sampling import describe_model
+        from inpo_pipeline.evaluation.sampling import describe_model
         from stages.sample import SampleOptions, run_sample
 
         options = SampleOptions(model=model, prompts=prompts, out=out, unet=unet, lora=lora, seeds=seeds,
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     ) -> None:
         """Label a sample folder's image pairs with a scorer: a preference dataset (AI feedback)."""
-        from inpo_pipeline.sampling import describe_model
+        from inpo_pipeline.evaluation.sampling import describe_model
         from stages.label import LabelOptions, run_label
 
         options = LabelOptions(samples=samples, out=out, scorer=scorer, scorer_model=scorer_model, processor=processor,

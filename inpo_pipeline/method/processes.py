@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline import ddim, flow
-from inpo_pipeline.plan import row_keys, sample_timesteps
+from inpo_pipeline.method import ddim
+from inpo_pipeline.method import flow
+from inpo_pipeline.method.plan import row_keys, sample_timesteps
 
 PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -217,7 +218,7 @@ def process_for(family: Any, scheduler_config: dict[str, Any], alphas_cumprod: t
 def process_from_settings(settings: dict[str, Any]) -> Process:
     """The process a store was made with (stores before flow support hold ε-model settings)."""
     from inpo_pipeline.families import family_named
-    from inpo_pipeline.models import alphas_cumprod_from_config
+    from inpo_pipeline.models.reference import alphas_cumprod_from_config
 
     family = family_named(settings["family"])
     scheduler = settings["scheduler"]

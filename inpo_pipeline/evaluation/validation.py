@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inpo_pipeline import sampling
+from inpo_pipeline.evaluation import sampling
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named
-from inpo_pipeline.prompts import read_prompts
+from inpo_pipeline.data.prompts import read_prompts
 
 VALIDATION_FOLDER = "validation"
 DEFAULT_VALIDATION_STEPS = 20

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from cache_schema import RowPlan, ShardResult, round_to_storage
-from inpo_pipeline import ddim
-from inpo_pipeline.data import PairRecord, PreparedImage, prepare_image
-from inpo_pipeline.models import ReferenceModel, constant_time_ids, sdxl_time_ids
-from inpo_pipeline.objectives import stores_forward_inputs
-from inpo_pipeline.plan import forward_noise, latent_sample_seed, noise_seed
+from inpo_pipeline.method import ddim
+from inpo_pipeline.data.sources import PairRecord, PreparedImage, prepare_image
+from inpo_pipeline.models.reference import ReferenceModel, constant_time_ids, sdxl_time_ids
+from inpo_pipeline.method.objectives import stores_forward_inputs
+from inpo_pipeline.method.plan import forward_noise, latent_sample_seed, noise_seed
 
 PromptLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 DECODE_THREADS = min(8, os.cpu_count() or 1)

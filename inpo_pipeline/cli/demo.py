@@ -1,7 +1,7 @@
 """`inpo demo` and `inpo world build|data|eval`: the shapes world in which alignment is measured.
 
-Registered on the main app by `inpo_pipeline.cli` (``register(app)``); parsing and printing only,
-the work is in `stages.demo` and `inpo_pipeline.world`.
+Registered on the main app by `inpo_pipeline.cli.app` (``register(app)``); parsing and printing only,
+the work is in `stages.demo` and `inpo_pipeline.worlds.shapes`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from inpo_pipeline.recipes import DEFAULT_RECIPE
+from inpo_pipeline.method.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter
 
 SAMPLE_STEPS_HELP = "DDIM sampling steps (same for base and aligned)."
@@ -21,7 +21,7 @@ GUIDANCE_HELP = "Classifier-free guidance scale, same for base and aligned (defa
 
 def register(app: typer.Typer) -> None:
     """Add `demo` and the `world` group to the `inpo` app."""
-    from inpo_pipeline.cli import _user_errors
+    from inpo_pipeline.cli.app import _user_errors
 
     world_app = typer.Typer(help="The shapes world: build its model, make preference data, evaluate runs.",
                             no_args_is_help=True)
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of data, initialisation and training.")] = 0,
     ) -> None:
         """Train the world model from scratch (deterministic; the committed one is worlds/shapes)."""
-        from inpo_pipeline.world import WorldConfig, build_world
+        from inpo_pipeline.worlds.shapes import WorldConfig, build_world
 
         reporter = Reporter()
         record = build_world(out, WorldConfig(seed=seed), reporter.progress)
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The base model's own sample pairs, labelled by the world's reward, as Pick-a-Pic parquet."""
         from inpo_pipeline.errors import UserError
-        from inpo_pipeline.world import LABELINGS, SamplerSettings
+        from inpo_pipeline.worlds.shapes import LABELINGS, SamplerSettings
         from stages.demo import ensure_world, sample_pool, world_kind, write_dataset
 
         unknown = [name for name in labeling if name not in LABELINGS]
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample base and trained UNets on held-out prompts with the same seeds; reward, win rate, CIs."""
         from inpo_pipeline.errors import UserError
-        from inpo_pipeline.world import SamplerSettings
+        from inpo_pipeline.worlds.shapes import SamplerSettings
         from stages.demo import (
             ensure_world, evaluate, print_comparisons, run_unet, world_kind, write_grid, write_reward_plot,
         )

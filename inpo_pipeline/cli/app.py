@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from inpo_pipeline.recipes import DEFAULT_RECIPE
+from inpo_pipeline.method.recipes import DEFAULT_RECIPE
 from inpo_pipeline.reporting import Reporter, human_bytes
 
 app = typer.Typer(
@@ -33,10 +33,10 @@ def _user_errors(function: F) -> F:
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from cache_schema import StoreError
-        from inpo_pipeline.data import DataError
+        from inpo_pipeline.data.sources import DataError
         from inpo_pipeline.errors import UserError
-        from inpo_pipeline.models import ModelError
-        from inpo_pipeline.processes import ProcessError
+        from inpo_pipeline.models.reference import ModelError
+        from inpo_pipeline.method.processes import ProcessError
 
         try:
             return function(*args, **kwargs)
@@ -185,7 +185,7 @@ def train(
     reporter = Reporter(enabled=process_state().is_main_process)
     result = run_train(options, reporter)
     final = result["final"]
-    from inpo_pipeline.objectives import OBJECTIVES
+    from inpo_pipeline.method.objectives import OBJECTIVES
 
     pairwise = OBJECTIVES[result["options"]["objective"]].pairwise
     reporter.table("inpo train", [
@@ -225,8 +225,8 @@ def cache_info(
 ) -> None:
     """A readable summary: rows, progress, provenance, size, dropped pairs."""
     from cache_schema import CacheStore
-    from inpo_pipeline.objectives import beta_convention, served_objectives
-    from inpo_pipeline.recipes import describe_inversion, store_warnings
+    from inpo_pipeline.method.objectives import beta_convention, served_objectives
+    from inpo_pipeline.method.recipes import describe_inversion, store_warnings
 
     summary = CacheStore.open(store).summary()
     if as_json:
@@ -334,9 +334,9 @@ def export(
 
 def _register_commands() -> None:
     """Commands defined next to their stages' option sets."""
-    from inpo_pipeline.cli_demo import register as register_demo
-    from inpo_pipeline.cli_rounds import register as register_rounds
-    from inpo_pipeline.cli_sampling import register as register_sampling
+    from inpo_pipeline.cli.demo import register as register_demo
+    from inpo_pipeline.cli.rounds import register as register_rounds
+    from inpo_pipeline.cli.sampling import register as register_sampling
 
     register_sampling(app)
     register_demo(app)

@@ -11,7 +11,7 @@ from inpo_pipeline.reporting import Reporter
 
 def register(app: typer.Typer) -> None:
     """Add the `rounds` command to `app`."""
-    from inpo_pipeline.cli import _user_errors
+    from inpo_pipeline.cli.app import _user_errors
 
     @app.command()
     @_user_errors

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inpo_pipeline.data import ScannedRow
+from inpo_pipeline.data.sources import ScannedRow
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline import ddim
-from inpo_pipeline.batches import denoiser_inputs, read_micro_batch
+from inpo_pipeline.method import ddim
+from inpo_pipeline.data.batches import denoiser_inputs, read_micro_batch
 from inpo_pipeline.errors import UserError
 from inpo_pipeline.families import family_named, family_of_denoiser
-from inpo_pipeline.loss import scale_gradient, winner_preserving_scale
-from inpo_pipeline.models import fingerprint_module, load_unet
-from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
-from inpo_pipeline.processes import process_from_settings
+from inpo_pipeline.method.loss import scale_gradient, winner_preserving_scale
+from inpo_pipeline.models.reference import fingerprint_module, load_unet
+from inpo_pipeline.method.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from inpo_pipeline.method.processes import process_from_settings
 
 LORA_FOLDER = "lora"
 PIPELINE_FOLDER = "pipeline"

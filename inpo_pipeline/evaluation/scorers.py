@@ -12,7 +12,7 @@
   is mapped key by key onto transformers' CLIPModel (:func:`openclip_to_transformers`) and read
   with ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
   plain containers.
-* **shapes** — the shapes world's known reward (`inpo_pipeline.world.REWARDS`; ``--scorer-model``
+* **shapes** — the shapes world's known reward (`inpo_pipeline.worlds.shapes.REWARDS`; ``--scorer-model``
   names which, default ``colour``; ``-NAME`` negates it; ``random@SEED`` is a seeded score that
   knows nothing, for controls): the truth of the test world, for `inpo label` and `inpo eval`
   runs whose result can be checked.
@@ -93,7 +93,7 @@ def resolve_spec(name: str, model: str | None = None, processor: str | None = No
         backbone = backbone or (VIT_L_14 if name == "aesthetic" else VIT_H_14)
         return ScorerSpec(name, model, processor or backbone, backbone)
     if name == "shapes":
-        from inpo_pipeline.world import REWARDS
+        from inpo_pipeline.worlds.shapes import REWARDS
 
         model = model or SHAPES_DEFAULT_REWARD
         reward_name, at, seed = model.removeprefix("-").partition("@")
@@ -237,7 +237,7 @@ class ShapesRewardScorer(Scorer):
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         import numpy as np
 
-        from inpo_pipeline.world import REWARDS
+        from inpo_pipeline.worlds.shapes import REWARDS
 
         model = str(self.spec.model)
         sign = -1.0 if model.startswith("-") else 1.0

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline.stats import clustered_mean, compare_paired, wilson_interval
+from inpo_pipeline.evaluation.stats import clustered_mean, compare_paired, wilson_interval
 
 IMAGE_SIZE = 32
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -57,7 +57,7 @@ HELD_OUT_PROMPTS = tuple(f"a {colour} {SHAPES[i % len(SHAPES)]}" for i, colour i
 """Six prompts (each colour once, each shape twice) never used in preference data."""
 TRAIN_PROMPTS = tuple(p for p in ALL_PROMPTS if p not in HELD_OUT_PROMPTS)
 
-DEFAULT_WORLD = Path(__file__).resolve().parents[1] / "worlds" / "shapes"
+DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "worlds" / "shapes"
 
 
 # --------------------------------------------------------------------------------- images
@@ -255,7 +255,7 @@ def bootstrap_mean_interval(values: np.ndarray, seed: int = 0, resamples: int = 
 
 @dataclass
 class Comparison:
-    """Aligned vs base on the same prompts and seeds (intervals: `inpo_pipeline.stats`)."""
+    """Aligned vs base on the same prompts and seeds (intervals: `inpo_pipeline.evaluation.stats`)."""
 
     n: int
     base_mean: float
@@ -335,7 +335,7 @@ def new_unet() -> Any:
     """A two-level UNet2DConditionModel on 8×8×4 latents, cross-attention on the 4×4 level."""
     from diffusers import UNet2DConditionModel
 
-    from inpo_pipeline.example import TEXT_HIDDEN_SIZE
+    from inpo_pipeline.worlds.example import TEXT_HIDDEN_SIZE
 
     return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=IMAGE_SIZE // 4,
@@ -456,7 +456,7 @@ def build_world(out: Path | str, config: WorldConfig | None = None, progress: Pr
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from inpo_pipeline.example import _ddim_scheduler, _text_config, build_tiny_tokenizer
+    from inpo_pipeline.worlds.example import _ddim_scheduler, _text_config, build_tiny_tokenizer
 
     config = config or WorldConfig()
     out = Path(out)
@@ -566,7 +566,7 @@ def write_preference_parquet(path: Path | str, prompts: Sequence[str], images_0:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from inpo_pipeline.example import PICKAPIC_SCHEMA
+    from inpo_pipeline.worlds.example import PICKAPIC_SCHEMA
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 The family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) is read from the pipeline's ``model_index.json``
 and decides how parts load and how the denoiser is called (``inpo_pipeline.families``); the
-noise process decides what its output means (``inpo_pipeline.processes``). Everything is loaded
+noise process decides what its output means (``inpo_pipeline.method.processes``). Everything is loaded
 part by part through ``from_pretrained``, the same path for a hub id and a local folder.
 """
 
@@ -17,7 +17,7 @@ from inpo_pipeline.families import FAMILIES, Family, ModelError, TextEncoders, f
 from inpo_pipeline.families import detect_family as detect_family_spec
 from inpo_pipeline.families.base import load_part
 from inpo_pipeline.families.stable_diffusion import TIME_ID_MODES, constant_time_ids, sdxl_time_ids
-from inpo_pipeline.processes import PREDICTIONS, Process, process_for
+from inpo_pipeline.method.processes import PREDICTIONS, Process, process_for
 
 SD15 = "sd15"
 SDXL = "sdxl"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inpo_pipeline.errors import UserError
-from inpo_pipeline.loss import PreferenceLoss, diffusion_dpo_loss, inpo_loss, sft_loss
+from inpo_pipeline.method.loss import PreferenceLoss, diffusion_dpo_loss, inpo_loss, sft_loss
 
 INVERSION_INPUTS = "inversion"  # x_t, τ_t, e_ref of the inverted latents
 FORWARD_INPUTS = "forward"  # x0, a regenerated ε, e_ref of the forward-noised latents

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from cache_schema import CacheStore, StoreError, decode_storage
-from inpo_pipeline.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
-from inpo_pipeline.plan import forward_noise, row_keys
-from inpo_pipeline.processes import Process, process_from_settings
+from inpo_pipeline.method.objectives import DEFAULT_OBJECTIVE, INVERSION_INPUTS, OBJECTIVES
+from inpo_pipeline.method.plan import forward_noise, row_keys
+from inpo_pipeline.method.processes import Process, process_from_settings
 
 
 DATA_ORDERS = ("blocks", "rows")

@@ -1,6 +1,6 @@
 """The shapes world for flow-matching models: a tiny Stable-Diffusion-3-type pipeline.
 
-The same images, captions and rewards as :mod:`inpo_pipeline.world` (32×32 coloured shapes), but
+The same images, captions and rewards as :mod:`inpo_pipeline.worlds.shapes` (32×32 coloured shapes), but
 the model is a diffusers ``StableDiffusion3Pipeline`` folder, so that InPO on flow models
 (DESIGN §1.8) can be proven where the true preference is known:
 
@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from inpo_pipeline import world
-from inpo_pipeline.world import IMAGE_SIZE, Progress, _no_progress
+from inpo_pipeline.worlds import shapes as world
+from inpo_pipeline.worlds.shapes import IMAGE_SIZE, Progress, _no_progress
 
-DEFAULT_FLOW_WORLD = Path(__file__).resolve().parents[1] / "worlds" / "shapes-flow"
+DEFAULT_FLOW_WORLD = Path(__file__).resolve().parents[2] / "worlds" / "shapes-flow"
 
 MAX_SEQUENCE_LENGTH = 32
 """T5 tokens per prompt, at training and at sampling (the pipeline's default of 256 would pad the
@@ -95,7 +95,7 @@ def world_words() -> list[str]:
 def build_t5_tokenizer(path: Path | str) -> Any:
     """The world's T5TokenizerFast: a Unigram model over the caption words, letters as fallback
     (`example.build_tiny_t5_tokenizer`), MAX_SEQUENCE_LENGTH tokens."""
-    from inpo_pipeline.example import build_tiny_t5_tokenizer
+    from inpo_pipeline.worlds.example import build_tiny_t5_tokenizer
 
     return build_tiny_t5_tokenizer(path, world_words(), MAX_SEQUENCE_LENGTH)
 
@@ -104,7 +104,7 @@ def build_clip_tokenizer(path: Path | str) -> Any:
     """The shapes world's byte-level CLIP tokenizer with model_max_length CLIP_MAX_LENGTH."""
     from transformers import CLIPTokenizer
 
-    from inpo_pipeline.example import build_tiny_tokenizer
+    from inpo_pipeline.worlds.example import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(path)
     tokenizer.model_max_length = CLIP_MAX_LENGTH
@@ -116,7 +116,7 @@ def new_text_encoders(seed: int) -> tuple[Any, Any, Any]:
     """Two CLIPTextModelWithProjection and a T5EncoderModel, each built right after its own seed."""
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from inpo_pipeline.example import _text_config
+    from inpo_pipeline.worlds.example import _text_config
 
     encoders = []
     for offset in (0, 1):

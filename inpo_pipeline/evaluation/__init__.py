@@ -1,0 +1,1 @@
+"""Sampling, scorers, paired statistics, reports and plots, in-training validation."""
