@@ -118,21 +118,26 @@ def row_bytes(store: CacheStore) -> int:
 
 def time_loader(store: CacheStore, schedule: BatchSchedule, micro_batches: int, workers: int) -> float:
     """Rows/s of the trainer's dataset and loader settings over `micro_batches` micro-batches
-    (default: three read groups per worker). The loader is iterated twice with the same
-    processes (or, without workers, the same open store) and the second pass is timed, so that
-    start-up — spawning workers, opening the store, its one-time reads of the small per-row
-    arrays, the lost-object check of each shard — is left out, as `inpo train` pays it once per
-    run; the pass still fills the workers' pipeline. The prompt cache filled by the first pass
-    serves the second only as far as the dataset's prompts fit it (`--prompt-cache-mb 0`
-    measures reading every prompt's object instead)."""
+    (default: three read groups per worker). The loader's one pass reads those micro-batches
+    three times (the dataset repeated) with the same processes (or, without workers, the same
+    open store), and the clock runs from the first micro-batch of the second time to the first
+    of the third: the steady state between arrivals, with the workers' pipeline as full at both
+    ends. Start-up — spawning workers, opening the store, its one-time reads of the small
+    per-row arrays, the lost-object check of each shard, the trainer's first mapping of each
+    worker slot — is left out, as `inpo train` pays it once per run, and so is the workers' exit.
+    The prompt cache filled the first time serves the second only as far as the dataset's
+    prompts fit it (`--prompt-cache-mb 0` measures reading every prompt's object instead)."""
     count = micro_batches or 3 * schedule.micro_batches_per_group * max(1, workers)
     dataset = MicroBatches(str(store.path), schedule, 0, count)
-    loader = micro_batch_loader(dataset, workers, persistent_workers=workers > 0)
-    for _ in range(2):
-        started, rows = time.perf_counter(), 0
-        for batch in loader:
+    loader = micro_batch_loader(torch.utils.data.ConcatDataset([dataset] * 3), workers)
+    rows = 0
+    for seen, batch in enumerate(loader):
+        if seen == count:
+            started = time.perf_counter()
+        elif seen == 2 * count:
+            elapsed = time.perf_counter() - started
+        if count <= seen < 2 * count:
             rows += len(batch["rows"])
-        elapsed = time.perf_counter() - started
     assert rows == count * schedule.batch_size
     return rows / elapsed
 

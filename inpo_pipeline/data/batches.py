@@ -393,10 +393,11 @@ class _SharedSlots:
         shape, stride, offset), each small one as a numpy array (pickled inline), one-off arrays
         as they are; the slots the trainer has not mapped, and on the first message the flags."""
         where = {tensor.untyped_storage().data_ptr(): index for index, (_key, tensor) in enumerate(self.slots)}
+        flags = self.flags.numpy()
         values: dict[str, Any] = {}
         for name, value in group.items():
             slot = where.get(value.untyped_storage().data_ptr()) if value.numel() else None
-            if slot is not None and self.flags[slot]:
+            if slot is not None and flags[slot]:
                 values[name] = ("slot", slot, value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
             elif value.nbytes < _POOL.min_bytes and value.dtype != torch.bfloat16:
                 values[name] = ("inline", value.numpy())
@@ -422,15 +423,20 @@ def _worker_slots() -> _SharedSlots:
 class _SlotReturns:
     """The trainer's side of `_SharedSlots`: each worker's slots, mapped once and kept mapped; a
     message decoded into the group's tensors; a group's slots handed back to their worker once
-    no tensor refers to them any more (the storage's use count, which views and numpy arrays of
-    it raise too, is back to what holding the storage itself accounts for)."""
+    no tensor refers to them any more (the storage's use count, which every tensor, view and
+    numpy array of it raises — autograd's saved tensors included — is back to the one that
+    holding the storage object here accounts for). What the count cannot see: a caller keeping
+    only `tensor.untyped_storage()` (the same object as the one held here), or sending a yielded
+    tensor on to another process; nothing in inpo does either. Where the count does not behave as
+    measured here (1 for a storage held by its object alone), no slot is ever handed back and the
+    worker makes one-off arrays, as before slots."""
 
     def __init__(self) -> None:
         self.flags: dict[int, np.ndarray] = {}  # worker: its slots' flags
         self.mapped: dict[tuple[int, int], Any] = {}  # (worker, slot): its storage
         self.pending: list[tuple[np.ndarray, list[int], list[Any]]] = []
         probe = torch.empty(1).untyped_storage()
-        self.free_count = _use_count(probe._cdata) if _use_count is not None else 0
+        self.reusable = _use_count is not None and _use_count(probe._cdata) == 1
 
     def decode(self, message: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "values" not in message:
@@ -456,9 +462,11 @@ class _SlotReturns:
         return group
 
     def hand_back(self) -> None:
+        if not self.reusable:
+            return
         still = []
         for flags, slots, storages in self.pending:
-            if all(_use_count(storage._cdata) <= self.free_count for storage in storages):
+            if all(_use_count(storage._cdata) == 1 for storage in storages):
                 flags[slots] = 0
             else:
                 still.append((flags, slots, storages))
@@ -537,13 +545,14 @@ class MicroBatches(torch.utils.data.Dataset):
         return state
 
 
-def micro_batch_loader(dataset: MicroBatches, num_workers: int, persistent_workers: bool = False) -> "_OneLineErrors":
-    """In-order loader of micro-batches, with spawned workers reading read groups ahead
-    (`persistent_workers` keeps them between passes; the trainer makes one pass)."""
+def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErrors":
+    """In-order loader of micro-batches, with spawned workers reading read groups ahead. Each
+    pass starts new workers (never persistent ones: a pass left early would take messages that
+    name new slots with it, and the slots they hold)."""
     extra: dict[str, Any] = {}
     if num_workers > 0:
         # an item is a whole read group (a rank's share of a shuffle window): one ahead per worker
-        extra = {"multiprocessing_context": "spawn", "persistent_workers": persistent_workers, "prefetch_factor": 1}
+        extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 1}
     return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_as_is,
                                                       num_workers=num_workers, **extra))
 
@@ -563,9 +572,7 @@ class _OneLineErrors:
         self.returns = _SlotReturns()
 
     def __iter__(self) -> Any:
-        if not self.loader.persistent_workers:
-            self.returns = _SlotReturns()  # new workers, new slots
-        returns = self.returns
+        self.returns = returns = _SlotReturns()  # new workers, new slots
         try:
             for message in self.loader:
                 group = returns.decode(message)
