@@ -282,7 +282,7 @@ def test_a_workers_shared_slots_are_reused_once_handed_back_and_never_while_held
     for index, batch in enumerate(loader):
         same(batch, index)
     slots_per_group = 3  # latents, targets, text
-    assert 2 * slots_per_group <= len(loader.returns.mapped) <= 3 * slots_per_group
+    assert 2 * slots_per_group <= loader.slots_mapped <= 3 * slots_per_group
 
     kept_view = None
     for index, batch in enumerate(loader):

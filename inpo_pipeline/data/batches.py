@@ -545,7 +545,7 @@ class MicroBatches(torch.utils.data.Dataset):
         return state
 
 
-def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErrors":
+def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_MicroBatchStream":
     """In-order loader of micro-batches, with spawned workers reading read groups ahead. Each
     pass starts new workers (never persistent ones: a pass left early would take messages that
     name new slots with it, and the slots they hold)."""
@@ -553,7 +553,7 @@ def micro_batch_loader(dataset: MicroBatches, num_workers: int) -> "_OneLineErro
     if num_workers > 0:
         # an item is a whole read group (a rank's share of a shuffle window): one ahead per worker
         extra = {"multiprocessing_context": "spawn", "persistent_workers": False, "prefetch_factor": 1}
-    return _OneLineErrors(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_as_is,
+    return _MicroBatchStream(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_as_is,
                                                       num_workers=num_workers, **extra))
 
 
@@ -563,16 +563,18 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-class _OneLineErrors:
-    """Iterates a DataLoader; a StoreError raised in a worker comes back as its own one line
-    (PyTorch re-raises it with the worker's whole traceback in the message)."""
+class _MicroBatchStream:
+    """Iterates a DataLoader of read groups and yields their micro-batches one by one: decodes
+    the workers' messages, hands their slots back (`_SlotReturns`), and lets a StoreError raised
+    in a worker come back as its own one line (PyTorch re-raises it with the worker's whole
+    traceback in the message)."""
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader
-        self.returns = _SlotReturns()
+        self.slots_mapped = 0  # how many worker slots the last pass mapped
 
     def __iter__(self) -> Any:
-        self.returns = returns = _SlotReturns()  # new workers, new slots
+        returns = _SlotReturns()  # new workers, new slots
         try:
             for message in self.loader:
                 group = returns.decode(message)
@@ -582,6 +584,9 @@ class _OneLineErrors:
                     yield {name: values[index] for name, values in group.items()}
                 del group
                 returns.hand_back()
+            # the slots' memory goes with the workers (a held micro-batch keeps its own storage)
+            self.slots_mapped = len(returns.mapped)
+            del returns
         except StoreError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise StoreError(lines[-1].split("StoreError: ", 1)[-1] if lines else str(error)) from None
