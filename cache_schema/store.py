@@ -314,8 +314,7 @@ def _scatter(out: np.ndarray | Sequence[np.ndarray], positions: np.ndarray, valu
             parts[position // length][position % length] = values[row]
         return
     if len(parts) == 1:
-        out_array = parts[0]
-        out_array[positions] = values[rows]
+        parts[0][positions] = values[rows]
         return
     part_of = positions // length
     for part in np.unique(part_of).tolist():
@@ -461,11 +460,9 @@ class CacheStore:
             raise StoreError("a flow store's plan needs σ per row, and only a flow store's plan has it")
         if prompts[0] != "":
             raise StoreError("prompt 0 must be the empty prompt")
-        if creator is not None and cls._whole_store_at(path):
-            return cls.open(path, mode="r+")
         if not cls.interrupted_creation(path) and location.occupied():
             if creator is not None and cls._whole_store_at(path):
-                return cls.open(path, mode="r+")  # put in place by another creator since the check above
+                return cls.open(path, mode="r+")  # put in place by another creator
             raise StoreError(f"{location} exists; remove it first (only an inpo store may be removed)")
         attributes = {
             "schema": SCHEMA_NAME,

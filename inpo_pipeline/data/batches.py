@@ -364,17 +364,16 @@ class _SharedSlots:
         self.flags_sent = False
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        if _use_count is None:  # nothing is ever handed back: every group in fresh memory
+            return _new_shared(shape, dtype)
         key = (tuple(shape), dtype.str)
         flags = self.flags.numpy()
         free = [index for index in range(len(self.slots)) if flags[index] == 0]
         matching = [index for index in free if self.slots[index][0] == key]
-        if _use_count is not None and matching:
+        if matching:
             index = matching[0]
         else:
-            like = torch.from_numpy(np.empty(0, dtype=dtype))
-            tensor = like.new(like.untyped_storage()._new_shared(int(np.prod(shape)) * dtype.itemsize)).view(*shape)
-            if _use_count is None:
-                return tensor
+            tensor = _new_shared(shape, dtype)
             if len(self.slots) < self.MAX_SLOTS:
                 index = len(self.slots)
                 self.slots.append((key, tensor))
@@ -408,6 +407,12 @@ class _SharedSlots:
         if not self.flags_sent:
             message["flags"], self.flags_sent = self.flags, True
         return message
+
+
+def _new_shared(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An array in shared memory from the start (as torch's own collate makes one in a worker)."""
+    like = torch.from_numpy(np.empty(0, dtype=dtype))
+    return like.new(like.untyped_storage()._new_shared(int(np.prod(shape)) * dtype.itemsize)).view(*shape)
 
 
 _SLOTS: _SharedSlots | None = None
